@@ -1,0 +1,317 @@
+//! The product story: checkout tokenizes an order; each role reveals what
+//! its policy allows; every decision is audited and the log verifies.
+
+use ordervault_sdk::{FieldKind, Revealed, Token, TokenizedOrder};
+
+use crate::support::{Vault, sample_order};
+
+fn by_token<'a>(fields: &'a [Revealed], token: &Token) -> &'a Revealed {
+    fields
+        .iter()
+        .find(|f| &f.token == token)
+        .expect("every asked token is answered")
+}
+
+fn assert_plain(fields: &[Revealed], token: &Token, value: &str) {
+    let f = by_token(fields, token);
+    assert_eq!(
+        f.plain(),
+        Some(value),
+        "{token}: expected plain {value:?}, got {:?}",
+        f.disclosure
+    );
+}
+
+fn assert_masked(fields: &[Revealed], token: &Token, mask: &str) {
+    let f = by_token(fields, token);
+    assert_eq!(f.masked(), Some(mask), "{token}");
+    assert_eq!(f.plain(), None);
+}
+
+fn assert_denied(fields: &[Revealed], token: &Token) {
+    let f = by_token(fields, token);
+    assert_eq!(f.denial_reason(), Some("kind_not_allowed"), "{token}");
+    assert_eq!(f.plain(), None);
+    assert_eq!(f.masked(), None);
+}
+
+async fn checkout(vault: &Vault) -> TokenizedOrder {
+    vault
+        .client("shop")
+        .await
+        .tokenize_order(&sample_order(1))
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_role_sees_what_its_policy_allows() {
+    let vault = Vault::start().await;
+    let order = checkout(&vault).await;
+    let all = order.all_tokens();
+    // Optional fields were given, so every token is there.
+    assert_eq!(all.len(), 4 + 4 + 2 * 2);
+    assert!(order.order_token.as_str().starts_with("ot_"));
+    assert!(order.consignee.phone.as_str().starts_with("ph_"));
+    assert_eq!(order.items[1].sku, "SKU-CASE");
+    assert_eq!(order.items[1].quantity, 2);
+    let c = &order.consignee;
+    let id = c.id_number.clone().unwrap();
+    let email = c.email.clone().unwrap();
+
+    let courier = vault
+        .client("courier")
+        .await
+        .reveal(&all)
+        .purpose("delivery")
+        .await
+        .unwrap();
+    assert_eq!(courier.len(), all.len());
+    assert_plain(&courier, &c.phone, "+8613910015678");
+    assert_plain(&courier, &c.address, "浙江省杭州市西湖区文三路101号");
+    assert_plain(&courier, &order.order_number, "SO20261122000001");
+    assert_masked(&courier, &c.name, "张*明");
+    for t in [
+        &id,
+        &email,
+        &order.items[0].title,
+        &order.items[0].unit_price,
+    ] {
+        assert_denied(&courier, t);
+    }
+
+    let supplier = vault
+        .client("supplier")
+        .await
+        .reveal(&all)
+        .purpose("fulfilment")
+        .await
+        .unwrap();
+    assert_plain(&supplier, &order.items[0].title, "无线蓝牙耳机 Pro");
+    assert_plain(
+        &supplier,
+        &order.items[1].title,
+        "Silicone case, midnight blue",
+    );
+    assert_plain(&supplier, &order.items[0].unit_price, "199.00");
+    for t in [
+        &c.name,
+        &c.phone,
+        &c.address,
+        &id,
+        &email,
+        order.customer_id.as_ref().unwrap(),
+    ] {
+        assert_denied(&supplier, t);
+    }
+
+    let support = vault
+        .client("support")
+        .await
+        .reveal(&all)
+        .purpose("customer_support")
+        .await
+        .unwrap();
+    assert_masked(&support, &c.phone, "139****5678");
+    assert_masked(&support, &c.name, "张*明");
+    assert_masked(&support, &id, "1****************X");
+    assert_masked(&support, &email, "z***@example.com");
+    assert_masked(&support, &c.address, "浙江省杭州市西湖区****");
+    assert_plain(&support, &order.items[1].unit_price, "29.90");
+    assert_plain(
+        &support,
+        order.placed_at.as_ref().unwrap(),
+        "2026-11-18T11:06:40Z",
+    );
+
+    let auditor = vault
+        .client("auditor")
+        .await
+        .reveal(&all)
+        .purpose("audit")
+        .await
+        .unwrap();
+    for t in &all {
+        assert_denied(&auditor, t);
+    }
+
+    // Every reveal decision is an audit event with the right outcome, and the
+    // log verifies.
+    let events = vault.audit().await;
+    let reveals: Vec<_> = events
+        .iter()
+        .filter(|e| e.action == ordervault::audit::Action::Reveal)
+        .collect();
+    assert_eq!(reveals.len(), 4 * all.len());
+    let decision = |who: &str, token: &Token| {
+        reveals
+            .iter()
+            .find(|e| e.principal == who && e.token.as_deref() == Some(token.as_str()))
+            .map(|e| {
+                (
+                    e.decision.as_str(),
+                    e.purpose.clone().unwrap(),
+                    e.reason.clone(),
+                )
+            })
+            .unwrap()
+    };
+    assert_eq!(
+        decision("courier", &c.phone),
+        ("allowed", "delivery".into(), None)
+    );
+    assert_eq!(
+        decision("courier", &c.name),
+        ("masked", "delivery".into(), None)
+    );
+    assert_eq!(
+        decision("courier", &id),
+        ("denied", "delivery".into(), Some("kind_not_allowed".into()))
+    );
+    assert_eq!(
+        decision("support", &c.phone),
+        ("masked", "customer_support".into(), None)
+    );
+    assert_eq!(
+        decision("auditor", &order.order_number),
+        ("denied", "audit".into(), Some("kind_not_allowed".into()))
+    );
+    let tokenizes = events
+        .iter()
+        .filter(|e| e.action == ordervault::audit::Action::Tokenize)
+        .count();
+    assert_eq!(tokenizes, 1);
+    // Events hold no values.
+    let dump = format!("{events:?}");
+    for value in [
+        "张小明",
+        "13910015678",
+        "文三路",
+        "zxm1@",
+        "1949123",
+        "耳机",
+        "199.00",
+    ] {
+        assert!(!dump.contains(value), "audit events contain {value}");
+    }
+    assert_eq!(vault.verify().await.unwrap(), events.len() as u64);
+    vault.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deterministic_kinds_give_one_token_per_normalised_value() {
+    let vault = Vault::start().await;
+    let shop = vault.client("shop").await;
+    let nfc = "Jos\u{e9} N\u{fa}\u{f1}ez";
+    let nfd = "Jose\u{301} Nu\u{301}n\u{303}ez";
+    assert_ne!(nfc, nfd);
+    let t = shop
+        .tokenize([
+            (FieldKind::Name, nfc),
+            (FieldKind::Name, nfd),
+            (FieldKind::Phone, "+86 138 1234 5678"),
+            (FieldKind::Phone, "13812345678"),
+            (FieldKind::Address, "浙江省杭州市西湖区文三路1号"),
+            (FieldKind::Address, "浙江省杭州市西湖区文三路1号"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(t[0], t[1], "NFC and NFD spellings share the name token");
+    assert_eq!(t[2], t[3], "phone spellings share the phone token");
+    assert_ne!(
+        t[4], t[5],
+        "addresses are not deterministic in the default policy"
+    );
+    // Across requests too, and the deduplicated token still reveals.
+    let again = shop
+        .tokenize([(FieldKind::Phone, "0086-138-1234-5678")])
+        .await
+        .unwrap();
+    assert_eq!(again[0], t[2]);
+    assert_eq!(vault.token_count().await, 4);
+    let courier = vault
+        .client("courier")
+        .await
+        .reveal([&t[2]])
+        .purpose("delivery")
+        .await
+        .unwrap();
+    assert_eq!(courier[0].plain(), Some("+8613812345678"));
+    vault.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reveal_whose_audit_event_cannot_be_written_reveals_nothing() {
+    let vault = Vault::start().await;
+    let order = checkout(&vault).await;
+    let before = vault.audit().await.len();
+    // The audit table refuses writes, as a full disk or a broken database would.
+    vault
+        .sql()
+        .execute_batch(
+            "CREATE TRIGGER no_audit BEFORE INSERT ON audit_events BEGIN SELECT RAISE(ABORT, 'audit log unavailable'); END;",
+        )
+        .unwrap();
+    let err = vault
+        .client("courier")
+        .await
+        .reveal([&order.consignee.phone])
+        .purpose("delivery")
+        .await
+        .expect_err("no audit, no reveal");
+    assert_eq!(err.code(), Some(tonic::Code::Unavailable));
+    assert!(err.to_string().contains("nothing was revealed"), "{err}");
+    assert!(!err.to_string().contains("5678"));
+    vault.sql().execute_batch("DROP TRIGGER no_audit").unwrap();
+    assert_eq!(vault.audit().await.len(), before, "no event half-written");
+    // With the log back, the same reveal works and is audited.
+    let ok = vault
+        .client("courier")
+        .await
+        .reveal([&order.consignee.phone])
+        .purpose("delivery")
+        .await
+        .unwrap();
+    assert_eq!(ok[0].plain(), Some("+8613910015678"));
+    assert_eq!(vault.audit().await.len(), before + 1);
+    vault.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_share_group_commits_and_all_land() {
+    let vault = Vault::start().await;
+    let shop = vault.client("shop").await;
+    let mut tasks = Vec::new();
+    for i in 0..64u32 {
+        let shop = shop.clone();
+        tasks.push(tokio::spawn(async move {
+            shop.tokenize([
+                (FieldKind::OrderNumber, format!("SO-{i}")),
+                (FieldKind::Address, format!("addr {i}")),
+            ])
+            .await
+            .unwrap()
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    assert_eq!(vault.token_count().await, 128);
+    let courier = vault.client("courier").await;
+    let revealed = courier.reveal(&all).purpose("delivery").await.unwrap();
+    for (i, pair) in revealed.chunks(2).enumerate() {
+        let number = pair[0].plain().unwrap().to_owned();
+        let n: u32 = number.trim_start_matches("SO-").parse().unwrap();
+        assert_eq!(
+            pair[1].plain(),
+            Some(format!("addr {n}").as_str()),
+            "pair {i}"
+        );
+    }
+    assert_eq!(
+        vault.verify().await.unwrap(),
+        vault.audit().await.len() as u64
+    );
+    vault.stop().await;
+}

@@ -1,0 +1,390 @@
+//! Audit events: one per decision, never containing a value.
+//!
+//! Each event is encoded canonically (JSON with a fixed field order, no
+//! whitespace) together with its sequence number and chain id; that encoding
+//! is the *leaf* of the log. Leaves are hashed with domain separation as in
+//! RFC 9162 §2.1 (`SHA-256(0x00 || leaf)`), and each event's chain hash is
+//! `SHA-256(0x01 || previous chain hash || leaf hash)`, so editing, deleting,
+//! inserting or reordering any stored event changes every later chain hash.
+//! The store keeps queryable copies of a few fields next to the leaf;
+//! [`verify`] checks those against the leaf too.
+
+use serde::{Deserialize, Serialize};
+
+use crate::crypto;
+
+/// What kind of action an event records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// Values were tokenized.
+    Tokenize,
+    /// A token was revealed (or the attempt was refused).
+    Reveal,
+    /// An API key was presented and refused.
+    AuthFailed,
+    /// An administrative action (init, principal created, key created).
+    Admin,
+}
+
+impl Action {
+    /// Name as stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Tokenize => "tokenize",
+            Action::Reveal => "reveal",
+            Action::AuthFailed => "auth_failed",
+            Action::Admin => "admin",
+        }
+    }
+}
+
+/// The outcome of the decision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    /// Done, or revealed in full.
+    Allowed,
+    /// Revealed as a mask only.
+    Masked,
+    /// Refused by policy or validation.
+    Denied,
+    /// Failed inside the vault (e.g. a ciphertext that did not authenticate).
+    Error,
+}
+
+impl Decision {
+    /// Name as stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Allowed => "allowed",
+            Decision::Masked => "masked",
+            Decision::Denied => "denied",
+            Decision::Error => "error",
+        }
+    }
+}
+
+/// One decision, before it has a place in the log.
+///
+/// Holds identifiers only: principal and role names, kinds, tokens, reasons.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEvent {
+    /// When the decision was made (Unix milliseconds).
+    pub ts_ms: i64,
+    /// Who asked ("" when unauthenticated).
+    pub principal: String,
+    /// The caller's role ("" when unauthenticated).
+    pub role: String,
+    /// What was asked.
+    pub action: Action,
+    /// What was decided.
+    pub decision: Decision,
+    /// Stated purpose, for reveals.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purpose: Option<String>,
+    /// Field kind involved, for per-field events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// Token involved, for per-field events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// Order token involved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order_token: Option<String>,
+    /// Machine-readable reason for denials and errors, or a detail for
+    /// admin events (never a value).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Number of fields, for batch events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u32>,
+    /// Key version used, where one was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_version: Option<u32>,
+    /// Peer address, for failed authentication.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+    /// Request id shared by all events of one request.
+    pub request_id: String,
+    /// SHA-256 prefix of the policy in force.
+    pub policy: String,
+}
+
+impl AuditEvent {
+    /// An event with the common fields set and the optional ones empty.
+    pub fn new(
+        ts_ms: i64,
+        principal: &str,
+        role: &str,
+        action: Action,
+        decision: Decision,
+        request_id: &str,
+        policy: &str,
+    ) -> AuditEvent {
+        AuditEvent {
+            ts_ms,
+            principal: principal.to_owned(),
+            role: role.to_owned(),
+            action,
+            decision,
+            purpose: None,
+            kind: None,
+            token: None,
+            order_token: None,
+            reason: None,
+            count: None,
+            key_version: None,
+            peer: None,
+            request_id: request_id.to_owned(),
+            policy: policy.to_owned(),
+        }
+    }
+}
+
+/// The canonical leaf: format version, chain, sequence number and event.
+#[derive(Serialize, Deserialize)]
+struct Leaf<'a> {
+    v: u8,
+    chain: std::borrow::Cow<'a, str>,
+    seq: u64,
+    #[serde(flatten)]
+    event: std::borrow::Cow<'a, AuditEvent>,
+}
+
+/// Encodes an event at `seq` of `chain` into its canonical leaf bytes.
+pub fn encode_leaf(chain: &str, seq: u64, event: &AuditEvent) -> Vec<u8> {
+    let leaf = Leaf {
+        v: 1,
+        chain: chain.into(),
+        seq,
+        event: std::borrow::Cow::Borrowed(event),
+    };
+    // Serialising a struct of strings and integers cannot fail.
+    serde_json::to_vec(&leaf).expect("audit leaf is plain data")
+}
+
+/// Decodes leaf bytes back into (chain, seq, event).
+pub fn decode_leaf(bytes: &[u8]) -> Option<(String, u64, AuditEvent)> {
+    let leaf: Leaf<'static> = serde_json::from_slice(bytes).ok()?;
+    (leaf.v == 1).then(|| (leaf.chain.into_owned(), leaf.seq, leaf.event.into_owned()))
+}
+
+/// RFC 9162 §2.1.1 leaf hash: `SHA-256(0x00 || leaf)`.
+pub fn leaf_hash(leaf: &[u8]) -> [u8; 32] {
+    let mut buf = Vec::with_capacity(leaf.len() + 1);
+    buf.push(0x00);
+    buf.extend_from_slice(leaf);
+    crypto::sha256(&buf)
+}
+
+/// The chain hash after appending a leaf: `SHA-256(0x01 || prev || leaf_hash)`.
+pub fn chain_hash(prev: &[u8; 32], leaf: &[u8]) -> [u8; 32] {
+    let mut buf = [0u8; 65];
+    buf[0] = 0x01;
+    buf[1..33].copy_from_slice(prev);
+    buf[33..].copy_from_slice(&leaf_hash(leaf));
+    crypto::sha256(&buf)
+}
+
+/// The chain hash before the first event.
+pub const GENESIS: [u8; 32] = [0u8; 32];
+
+/// An event as stored: its place, its leaf and the indexed copies.
+#[derive(Clone, Debug)]
+pub struct StoredEvent {
+    /// Sequence number, from 1, contiguous per chain.
+    pub seq: u64,
+    /// Chain (node) id.
+    pub chain: String,
+    /// Canonical leaf bytes.
+    pub leaf: Vec<u8>,
+    /// Chain hash after this event.
+    pub chain_hash: [u8; 32],
+    /// Indexed copy: principal.
+    pub principal: String,
+    /// Indexed copy: action.
+    pub action: String,
+    /// Indexed copy: decision.
+    pub decision: String,
+    /// Indexed copy: token.
+    pub token: Option<String>,
+    /// Indexed copy: timestamp.
+    pub ts_ms: i64,
+}
+
+/// Why a log failed verification: the first bad event and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("audit log fails verification at seq {seq}: {problem}")]
+pub struct VerifyError {
+    /// First sequence number that does not verify.
+    pub seq: u64,
+    /// What is wrong there.
+    pub problem: String,
+}
+
+/// Incremental verifier for one chain, fed events in sequence order.
+#[derive(Debug)]
+pub struct Verifier {
+    expected_seq: u64,
+    prev: [u8; 32],
+}
+
+impl Default for Verifier {
+    fn default() -> Self {
+        Verifier {
+            expected_seq: 1,
+            prev: GENESIS,
+        }
+    }
+}
+
+impl Verifier {
+    /// Checks the next stored event.
+    pub fn check(&mut self, e: &StoredEvent) -> Result<(), VerifyError> {
+        let fail = |problem: &str| VerifyError {
+            seq: e.seq,
+            problem: problem.to_owned(),
+        };
+        if e.seq != self.expected_seq {
+            return Err(VerifyError {
+                seq: self.expected_seq,
+                problem: format!("event missing (next stored event is seq {})", e.seq),
+            });
+        }
+        let (chain, seq, event) =
+            decode_leaf(&e.leaf).ok_or_else(|| fail("leaf is not a valid event encoding"))?;
+        if seq != e.seq || chain != e.chain {
+            return Err(fail(
+                "leaf names a different position (event moved or reordered)",
+            ));
+        }
+        let indexed_ok = event.principal == e.principal
+            && event.action.as_str() == e.action
+            && event.decision.as_str() == e.decision
+            && event.token == e.token
+            && event.ts_ms == e.ts_ms;
+        if !indexed_ok {
+            return Err(fail(
+                "indexed columns differ from the signed leaf (row edited)",
+            ));
+        }
+        let expected = chain_hash(&self.prev, &e.leaf);
+        if expected != e.chain_hash {
+            return Err(fail(
+                "chain hash mismatch (event edited, inserted or a predecessor changed)",
+            ));
+        }
+        self.prev = expected;
+        self.expected_seq += 1;
+        Ok(())
+    }
+
+    /// Number of events verified so far.
+    pub fn verified(&self) -> u64 {
+        self.expected_seq - 1
+    }
+
+    /// Chain hash after the last verified event.
+    pub fn head(&self) -> [u8; 32] {
+        self.prev
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(chain: &str, events: &[AuditEvent]) -> Vec<StoredEvent> {
+        let mut prev = GENESIS;
+        events
+            .iter()
+            .enumerate()
+            .map(|(i, ev)| {
+                let seq = i as u64 + 1;
+                let leaf = encode_leaf(chain, seq, ev);
+                prev = chain_hash(&prev, &leaf);
+                StoredEvent {
+                    seq,
+                    chain: chain.into(),
+                    leaf,
+                    chain_hash: prev,
+                    principal: ev.principal.clone(),
+                    action: ev.action.as_str().into(),
+                    decision: ev.decision.as_str().into(),
+                    token: ev.token.clone(),
+                    ts_ms: ev.ts_ms,
+                }
+            })
+            .collect()
+    }
+
+    fn events(n: usize) -> Vec<AuditEvent> {
+        (0..n)
+            .map(|i| {
+                let mut e = AuditEvent::new(
+                    i as i64,
+                    "courier-a",
+                    "courier",
+                    Action::Reveal,
+                    Decision::Allowed,
+                    "r1",
+                    "p",
+                );
+                e.token = Some(format!("ph_{i}"));
+                e
+            })
+            .collect()
+    }
+
+    fn verify_all(log: &[StoredEvent]) -> Result<u64, VerifyError> {
+        let mut v = Verifier::default();
+        for e in log {
+            v.check(e)?;
+        }
+        Ok(v.verified())
+    }
+
+    #[test]
+    fn leaf_round_trips_and_is_canonical() {
+        let e = &events(1)[0];
+        let leaf = encode_leaf("node-1", 7, e);
+        assert_eq!(decode_leaf(&leaf), Some(("node-1".into(), 7, e.clone())));
+        assert_eq!(leaf, encode_leaf("node-1", 7, e));
+        let text = String::from_utf8(leaf).expect("utf8");
+        assert!(
+            text.starts_with(
+                r#"{"v":1,"chain":"node-1","seq":7,"ts_ms":0,"principal":"courier-a""#
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn intact_log_verifies() {
+        assert_eq!(verify_all(&stored("n", &events(10))), Ok(10));
+    }
+
+    #[test]
+    fn tampering_is_detected_at_the_first_bad_event() {
+        let log = stored("n", &events(10));
+
+        let mut edited = log.clone();
+        let mut ev = decode_leaf(&edited[4].leaf).expect("leaf").2;
+        ev.principal = "someone-else".into();
+        edited[4].leaf = encode_leaf("n", 5, &ev);
+        assert_eq!(verify_all(&edited).map_err(|e| e.seq), Err(5));
+
+        let mut column = log.clone();
+        column[6].principal = "someone-else".into();
+        assert_eq!(verify_all(&column).map_err(|e| e.seq), Err(7));
+
+        let mut deleted = log.clone();
+        deleted.remove(3);
+        assert_eq!(verify_all(&deleted).map_err(|e| e.seq), Err(4));
+
+        let mut swapped = log.clone();
+        swapped.swap(2, 3);
+        assert_eq!(verify_all(&swapped).map_err(|e| e.seq), Err(3));
+    }
+}

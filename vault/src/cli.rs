@@ -1,0 +1,261 @@
+//! The `ordervault` command line: `serve`, `init` and `audit verify`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use secrecy::ExposeSecret;
+
+use crate::audit::Verifier;
+use crate::engine::{DEFAULT_ENCRYPTION_CAP, EngineConfig, SystemClock};
+use crate::setup::{self, CreatedPrincipal, DirState, Layout, SetupError};
+use crate::store::Store;
+
+/// Exit code for a usage error (sysexits EX_USAGE).
+pub const EXIT_USAGE: i32 = 64;
+/// Exit code for a configuration or data-directory problem (EX_CONFIG).
+pub const EXIT_CONFIG: i32 = 78;
+
+/// ordervault — a privacy vault for e-commerce order data.
+#[derive(Debug, Parser)]
+#[command(name = "ordervault", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the vault's gRPC server.
+    Serve(ServeArgs),
+    /// Initialise a data directory: master key, policy, first data key and an admin principal.
+    Init(DataArgs),
+    /// Inspect the audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+/// Where the vault's data lives.
+#[derive(Debug, Args)]
+pub struct DataArgs {
+    /// Data directory (master key, policy, database).
+    #[arg(long, env = "ORDERVAULT_DATA_DIR", default_value = "./ordervault-data")]
+    pub data_dir: PathBuf,
+    /// This node's id, naming its audit chain.
+    #[arg(long, env = "ORDERVAULT_NODE_ID", default_value = "node-1")]
+    pub node_id: String,
+}
+
+/// `serve` options.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Data location.
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Address to listen on.
+    #[arg(long, env = "ORDERVAULT_LISTEN", default_value = "127.0.0.1:7470")]
+    pub listen: SocketAddr,
+    /// Development mode: initialise the data directory on first start, with a
+    /// principal for every demo role, and print their API keys once.
+    #[arg(long)]
+    pub dev: bool,
+    /// Most encryptions per AES-256-GCM data-key version (at most 2^32).
+    #[arg(long, env = "ORDERVAULT_ENCRYPTION_CAP", default_value_t = DEFAULT_ENCRYPTION_CAP,
+          value_parser = clap::value_parser!(u64).range(1..=(1u64 << 32)))]
+    pub encryption_cap: u64,
+    /// Seconds to let in-flight requests finish after SIGINT/SIGTERM.
+    #[arg(long, default_value_t = 10)]
+    pub drain_seconds: u64,
+}
+
+/// `audit` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Verify the audit log in a data directory, offline: every event's
+    /// encoding, its indexed copies and the hash chain. Names the first bad event.
+    Verify(DataArgs),
+}
+
+/// A failure of a command, with its exit code.
+#[derive(Debug)]
+pub struct Failure {
+    /// Exit code.
+    pub code: i32,
+    /// One-line reason, with the next step.
+    pub message: String,
+}
+
+impl From<SetupError> for Failure {
+    fn from(e: SetupError) -> Self {
+        Failure {
+            code: EXIT_CONFIG,
+            message: e.to_string(),
+        }
+    }
+}
+
+fn fail(message: impl Into<String>) -> Failure {
+    Failure {
+        code: 1,
+        message: message.into(),
+    }
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> Result<(), Failure> {
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Init(args) => {
+            let created = setup::init(
+                &Layout::new(&args.data_dir),
+                &["admin"],
+                &args.node_id,
+                &SystemClock,
+            )
+            .await?;
+            println!("ordervault: initialised {}", args.data_dir.display());
+            print_keys(&created);
+            println!(
+                "Start it with: ordervault serve --data-dir {}",
+                args.data_dir.display()
+            );
+            Ok(())
+        }
+        Command::Audit(AuditCommand::Verify(args)) => verify(args).await,
+    }
+}
+
+fn print_keys(created: &[CreatedPrincipal]) {
+    println!("API keys (shown only now; the vault stores only their hashes):");
+    for p in created {
+        println!("  {:<9} {}", p.name, p.api_key.expose_secret());
+    }
+}
+
+fn print_dev_example(created: &[CreatedPrincipal], listen: SocketAddr) {
+    let key = |role: &str| {
+        created
+            .iter()
+            .find(|p| p.role == role)
+            .map(|p| p.api_key.expose_secret().to_owned())
+            .unwrap_or_default()
+    };
+    println!();
+    println!("Try it (paste into another shell):");
+    println!("  export ORDERVAULT_ADDR=http://{listen}");
+    for role in ["shop", "courier", "supplier", "support", "auditor"] {
+        println!("  export OV_{}_KEY={}", role.to_uppercase(), key(role));
+    }
+    println!("  cargo run --release -p ordervault-sdk --example checkout_flow");
+    println!();
+}
+
+async fn serve(args: ServeArgs) -> Result<(), Failure> {
+    let layout = Layout::new(&args.data.data_dir);
+    if args.dev && setup::dir_state(&layout)? == DirState::Empty {
+        let created = setup::init(
+            &layout,
+            &setup::DEMO_ROLES,
+            &args.data.node_id,
+            &SystemClock,
+        )
+        .await?;
+        println!(
+            "ordervault: initialised a DEVELOPMENT vault in {} (master key in {})",
+            layout.dir.display(),
+            layout.master_key().display()
+        );
+        print_keys(&created);
+        print_dev_example(&created, args.listen);
+    }
+    let config = EngineConfig {
+        chain: args.data.node_id.clone(),
+        encryption_cap: args.encryption_cap,
+    };
+    let (engine, store) = setup::open(&layout, Arc::new(SystemClock), config).await?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| Failure {
+            code: EXIT_CONFIG,
+            message: format!("cannot listen on {}: {e}", args.listen),
+        })?;
+    let addr = listener.local_addr().map_err(|e| fail(e.to_string()))?;
+    tracing::info!(%addr, data_dir = %layout.dir.display(), "ordervault listening");
+    println!("ordervault: listening on {addr}");
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(crate::server::serve(engine.clone(), listener, async {
+        let _ = stop_rx.await;
+    }));
+    shutdown_signal().await;
+    tracing::info!("shutting down: draining in-flight requests");
+    let _ = stop_tx.send(());
+    match tokio::time::timeout(Duration::from_secs(args.drain_seconds), server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => return Err(fail(format!("server error: {e}"))),
+        Ok(Err(e)) => return Err(fail(format!("server task failed: {e}"))),
+        Err(_) => tracing::warn!("drain deadline passed; closing remaining connections"),
+    }
+    drop(engine);
+    // Commits whatever the writer still holds before exiting.
+    store.close();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}
+
+async fn verify(args: DataArgs) -> Result<(), Failure> {
+    let layout = Layout::new(&args.data_dir);
+    if setup::dir_state(&layout)? != DirState::Initialised {
+        return Err(SetupError::NotInitialised {
+            dir: layout.dir.display().to_string(),
+        }
+        .into());
+    }
+    let store =
+        crate::store::sqlite::SqliteStore::open(&layout.db()).map_err(|e| fail(e.to_string()))?;
+    let mut verifier = Verifier::default();
+    let mut from = 1;
+    loop {
+        let page = store
+            .audit_events(&args.node_id, from, 10_000)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let Some(last) = page.last() else { break };
+        from = last.seq + 1;
+        for e in &page {
+            verifier.check(e).map_err(|e| fail(e.to_string()))?;
+        }
+    }
+    println!(
+        "audit chain {}: {} events verified, head {}",
+        args.node_id,
+        verifier.verified(),
+        hex::encode(verifier.head())
+    );
+    Ok(())
+}

@@ -1,0 +1,37 @@
+//! The `ordervault` binary: server and admin CLI.
+
+use clap::Parser;
+use ordervault::cli::{self, Cli};
+use tracing_subscriber::EnvFilter;
+
+fn main() {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { cli::EXIT_USAGE } else { 0 };
+            let _ = e.print();
+            std::process::exit(code);
+        }
+    };
+    let filter = EnvFilter::try_from_env("ORDERVAULT_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ordervault: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(f) = runtime.block_on(cli::run(cli)) {
+        eprintln!("ordervault: {}", f.message);
+        std::process::exit(f.code);
+    }
+}

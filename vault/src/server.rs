@@ -1,0 +1,48 @@
+//! The gRPC server: takes a bound listener and a shutdown future, so tests
+//! bind `127.0.0.1:0` first and never sleep waiting for start-up.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use ordervault_proto::v1;
+use ordervault_proto::v1::token_service_server::TokenServiceServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+
+use crate::engine::Engine;
+use crate::service::TokenApi;
+
+/// The transport refuses messages above this with `OUT_OF_RANGE`; messages
+/// between [`ordervault_proto::codec::MAX_MESSAGE_BYTES`] and this get the
+/// codec's `RESOURCE_EXHAUSTED`.
+const TRANSPORT_MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Serves the vault's services, health and reflection on `listener` until
+/// `shutdown` resolves, then drains in-flight requests.
+pub async fn serve(
+    engine: Arc<Engine>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<TokenServiceServer<TokenApi>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1();
+    let tokens = TokenServiceServer::new(TokenApi::new(engine))
+        .max_decoding_message_size(TRANSPORT_MAX_MESSAGE_BYTES);
+    let mut builder = Server::builder().tcp_nodelay(true);
+    let router = builder.add_service(health_service).add_service(tokens);
+    let router = match reflection {
+        Ok(r) => router.add_service(r),
+        Err(e) => {
+            tracing::warn!(error = %e, "gRPC reflection disabled");
+            router
+        }
+    };
+    router
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+}

@@ -1,0 +1,162 @@
+//! Persistence behind one trait, [`Store`]. The store is untrusted: it sees
+//! only ciphertexts, keyed fingerprints, wrapped keys, API-key hashes and
+//! audit events, never a value or a key.
+//!
+//! Writes go through [`Store::commit`], which the SQLite backend implements
+//! with a group-commit writer: concurrent requests' batches share one
+//! transaction and one fsync, and each caller is answered only once its
+//! batch is durable.
+
+use async_trait::async_trait;
+
+use crate::audit::{AuditEvent, StoredEvent};
+use crate::kinds::FieldKind;
+use crate::token::TOKEN_ID_BYTES;
+
+pub mod sqlite;
+
+/// A token's storage key (its random body).
+pub type TokenId = [u8; TOKEN_ID_BYTES];
+
+/// A stored token: everything needed to decrypt and decide, no value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenRecord {
+    /// Storage key.
+    pub id: TokenId,
+    /// Field kind of the value.
+    pub kind: FieldKind,
+    /// Data-key version the ciphertext is under.
+    pub key_version: u32,
+    /// AEAD envelope (see [`crate::crypto`]).
+    pub ciphertext: Vec<u8>,
+    /// Keyed fingerprint of the normalised value.
+    pub fingerprint: [u8; 32],
+    /// Whether the token is the deterministic token of its fingerprint.
+    pub deterministic: bool,
+    /// Creation time, Unix milliseconds.
+    pub created_ms: i64,
+}
+
+/// A data-key version as stored: wrapped under the master key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredKey {
+    /// Version number, from 1.
+    pub version: u32,
+    /// AEAD algorithm id ([`crate::crypto::Algorithm::id`]).
+    pub algorithm: u8,
+    /// The data key wrapped by the master key; `None` once retired.
+    pub wrapped: Option<Vec<u8>>,
+    /// `primary`, `decrypt_only` or `retired`.
+    pub state: String,
+    /// Creation time, Unix milliseconds.
+    pub created_ms: i64,
+    /// Encryptions durably reserved under this key (the counter never passes
+    /// this, and this never passes the cap).
+    pub reserved: u64,
+}
+
+/// An authenticated caller as stored: the API key only as its hash.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PrincipalRecord {
+    /// Unique name.
+    pub name: String,
+    /// Role in the policy.
+    pub role: String,
+    /// SHA-256 of the API key.
+    pub key_hash: [u8; 32],
+    /// Creation time, Unix milliseconds.
+    pub created_ms: i64,
+    /// When revoked, if it was.
+    pub revoked_ms: Option<i64>,
+}
+
+/// An order created by TokenizeOrder, with the tokens of its fields.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OrderRecord {
+    /// The order token's storage key.
+    pub id: TokenId,
+    /// Who tokenized it.
+    pub created_by: String,
+    /// Creation time, Unix milliseconds.
+    pub created_ms: i64,
+    /// Field tokens of the order, as indexes into the batch's `tokens`.
+    pub fields: Vec<usize>,
+}
+
+/// Everything one request writes, applied atomically.
+#[derive(Debug, Default)]
+pub struct WriteBatch {
+    /// Metadata entries to set.
+    pub meta: Vec<(String, Vec<u8>)>,
+    /// Key versions to insert or replace.
+    pub keys: Vec<StoredKey>,
+    /// Raise a key version's durable reservation to at least this.
+    pub reserve: Vec<(u32, u64)>,
+    /// Principals to insert.
+    pub principals: Vec<PrincipalRecord>,
+    /// New tokens. A deterministic token whose (kind, fingerprint) already
+    /// exists is not inserted; the existing id is returned in its place. A
+    /// record with an empty ciphertext only refers to an existing row.
+    pub tokens: Vec<TokenRecord>,
+    /// Orders to insert.
+    pub orders: Vec<OrderRecord>,
+    /// The audit chain (node id) the events are appended to.
+    pub audit_chain: String,
+    /// Audit events to append, in order.
+    pub audit: Vec<AuditEvent>,
+}
+
+/// What a committed batch resolved to.
+#[derive(Debug, Default)]
+pub struct Committed {
+    /// Final id of each batch token (an existing one for deduplicated
+    /// deterministic tokens).
+    pub token_ids: Vec<TokenId>,
+    /// Sequence numbers given to the batch's audit events.
+    pub audit_seqs: Vec<u64>,
+}
+
+/// Storage failures, by what the caller can do about them.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The database cannot be reached or written right now; nothing of the
+    /// batch was applied. Retry later.
+    #[error("{0}")]
+    Unavailable(String),
+    /// Stored data is not what the vault wrote.
+    #[error("{0}")]
+    Corrupt(String),
+    /// The write conflicts with existing data (e.g. a duplicate name).
+    #[error("{0}")]
+    Conflict(String),
+}
+
+/// Persistence for the vault. Implemented by SQLite (embedded default).
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// A metadata value.
+    async fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// All key versions.
+    async fn key_versions(&self) -> Result<Vec<StoredKey>, StoreError>;
+    /// All principals, revoked ones included.
+    async fn principals(&self) -> Result<Vec<PrincipalRecord>, StoreError>;
+    /// Tokens by id, in request order; `None` for unknown ids.
+    async fn tokens(&self, ids: Vec<TokenId>) -> Result<Vec<Option<TokenRecord>>, StoreError>;
+    /// Deterministic token ids by (kind, fingerprint), in request order.
+    async fn deterministic_tokens(
+        &self,
+        keys: Vec<(FieldKind, [u8; 32])>,
+    ) -> Result<Vec<Option<TokenId>>, StoreError>;
+    /// Applies a batch atomically and durably.
+    async fn commit(&self, batch: WriteBatch) -> Result<Committed, StoreError>;
+    /// Up to `limit` audit events of `chain` with seq ≥ `from_seq`, in order.
+    async fn audit_events(
+        &self,
+        chain: &str,
+        from_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError>;
+    /// Number of stored tokens.
+    async fn token_count(&self) -> Result<u64, StoreError>;
+}

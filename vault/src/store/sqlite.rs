@@ -1,0 +1,629 @@
+//! The embedded SQLite store: WAL, `synchronous=FULL`, one writer thread
+//! doing group commit, and a small pool of read connections.
+//!
+//! Why a single writer thread: SQLite allows one writer at a time anyway, and
+//! a durable commit costs one fsync whatever its size. Gathering every batch
+//! that is waiting when the writer becomes free into one transaction turns
+//! N fsyncs into one, without a timer: under light load a batch is committed
+//! alone and at once. Each batch runs in its own SAVEPOINT, so one batch that
+//! fails (a duplicate principal name, a constraint) does not fail the others.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, params};
+use tokio::sync::oneshot;
+
+use super::{
+    Committed, PrincipalRecord, Store, StoreError, StoredKey, TokenId, TokenRecord, WriteBatch,
+};
+use crate::audit::{self, StoredEvent};
+use crate::kinds::FieldKind;
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how
+/// many have run.
+const MIGRATIONS: &[&str] = &[r"
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+);
+CREATE TABLE key_versions (
+    version    INTEGER PRIMARY KEY,
+    algorithm  INTEGER NOT NULL,
+    wrapped    BLOB,
+    state      TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    reserved   INTEGER NOT NULL
+);
+CREATE TABLE principals (
+    name       TEXT PRIMARY KEY,
+    role       TEXT NOT NULL,
+    key_hash   BLOB NOT NULL UNIQUE,
+    created_ms INTEGER NOT NULL,
+    revoked_ms INTEGER
+);
+CREATE TABLE tokens (
+    id            BLOB PRIMARY KEY,
+    kind          INTEGER NOT NULL,
+    key_version   INTEGER NOT NULL,
+    ciphertext    BLOB NOT NULL,
+    fingerprint   BLOB NOT NULL,
+    deterministic INTEGER NOT NULL,
+    created_ms    INTEGER NOT NULL
+) WITHOUT ROWID;
+-- Leak tracing finds every token holding a value through its fingerprint.
+CREATE INDEX tokens_by_fingerprint ON tokens (kind, fingerprint);
+-- At most one deterministic token per normalised value.
+CREATE UNIQUE INDEX tokens_deterministic ON tokens (kind, fingerprint) WHERE deterministic = 1;
+-- Rewrap and retire count ciphertexts per key version.
+CREATE INDEX tokens_by_key_version ON tokens (key_version);
+CREATE TABLE orders (
+    id         BLOB PRIMARY KEY,
+    created_by TEXT NOT NULL,
+    created_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE order_fields (
+    order_id BLOB NOT NULL,
+    token_id BLOB NOT NULL,
+    PRIMARY KEY (order_id, token_id)
+) WITHOUT ROWID;
+CREATE INDEX order_fields_by_token ON order_fields (token_id);
+CREATE TABLE audit_events (
+    chain      TEXT NOT NULL,
+    seq        INTEGER NOT NULL,
+    ts_ms      INTEGER NOT NULL,
+    principal  TEXT NOT NULL,
+    action     TEXT NOT NULL,
+    decision   TEXT NOT NULL,
+    token      TEXT,
+    leaf       BLOB NOT NULL,
+    chain_hash BLOB NOT NULL,
+    PRIMARY KEY (chain, seq)
+);
+CREATE INDEX audit_by_principal ON audit_events (principal, ts_ms);
+CREATE INDEX audit_by_token ON audit_events (token) WHERE token IS NOT NULL;
+"];
+
+/// Most batches gathered into one transaction.
+const MAX_GROUP: usize = 1024;
+/// Idle read connections kept open.
+const MAX_IDLE_READERS: usize = 8;
+
+struct Job {
+    batch: WriteBatch,
+    reply: oneshot::Sender<Result<Committed, StoreError>>,
+}
+
+/// The SQLite store. Cheap to share behind an `Arc`.
+pub struct SqliteStore {
+    path: PathBuf,
+    writer: Mutex<Option<mpsc::Sender<Job>>>,
+    writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    readers: Arc<Mutex<Vec<Connection>>>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+fn unavailable(e: rusqlite::Error) -> StoreError {
+    match &e {
+        rusqlite::Error::SqliteFailure(f, _) if f.code == ErrorCode::ConstraintViolation => {
+            StoreError::Conflict(format!("conflicts with existing data: {e}"))
+        }
+        _ => StoreError::Unavailable(e.to_string()),
+    }
+}
+
+fn configure(conn: &Connection) -> rusqlite::Result<()> {
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    // FULL: the WAL is fsynced at every commit, so an acknowledged write
+    // survives power loss, not just a process crash.
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(())
+}
+
+fn open_conn(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    configure(&conn)?;
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", i as i64 + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path`, applies
+    /// migrations and starts the writer.
+    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        #[cfg(unix)]
+        if !path.exists() {
+            // Create the file owner-only before SQLite does; its -wal and
+            // -shm files inherit these permissions.
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| {
+                    StoreError::Unavailable(format!("cannot create {}: {e}", path.display()))
+                })?;
+        }
+        let mut conn = open_conn(path).map_err(unavailable)?;
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(unavailable)?;
+        if version as usize > MIGRATIONS.len() {
+            return Err(StoreError::Unavailable(format!(
+                "database schema version {version} is newer than this build supports ({}); upgrade ordervault",
+                MIGRATIONS.len()
+            )));
+        }
+        migrate(&mut conn).map_err(unavailable)?;
+        let (tx, rx) = mpsc::channel();
+        let handle = std::thread::Builder::new()
+            .name("ordervault-writer".into())
+            .spawn(move || Writer::new(conn).run(rx))
+            .map_err(|e| StoreError::Unavailable(format!("cannot start writer thread: {e}")))?;
+        Ok(SqliteStore {
+            path: path.to_owned(),
+            writer: Mutex::new(Some(tx)),
+            writer_thread: Mutex::new(Some(handle)),
+            readers: Arc::new(Mutex::new(Vec::new())),
+        })
+    }
+
+    /// Stops accepting writes, lets the writer commit what it holds and
+    /// waits for it.
+    pub fn close(&self) {
+        drop(self.writer.lock().map(|mut w| w.take()));
+        let handle = self.writer_thread.lock().ok().and_then(|mut h| h.take());
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+    }
+
+    /// Runs `f` on a pooled read connection on the blocking pool.
+    async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let pool = self.readers.clone();
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let pooled = pool.lock().ok().and_then(|mut p| p.pop());
+            let conn = match pooled {
+                Some(c) => c,
+                None => {
+                    let c = open_conn(&path).map_err(unavailable)?;
+                    c.pragma_update(None, "query_only", true)
+                        .map_err(unavailable)?;
+                    c
+                }
+            };
+            let result = f(&conn).map_err(unavailable);
+            if let Ok(mut p) = pool.lock()
+                && p.len() < MAX_IDLE_READERS
+            {
+                p.push(conn);
+            }
+            result
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("read task failed: {e}")))?
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn token_row(id: TokenId, row: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRecord> {
+    let code: u8 = row.get(0)?;
+    let kind = FieldKind::from_code(code).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(
+            0,
+            rusqlite::types::Type::Integer,
+            "unknown field kind code".into(),
+        )
+    })?;
+    Ok(TokenRecord {
+        id,
+        kind,
+        key_version: row.get(1)?,
+        ciphertext: row.get(2)?,
+        fingerprint: row.get(3)?,
+        deterministic: row.get(4)?,
+        created_ms: row.get(5)?,
+    })
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let key = key.to_owned();
+        self.read(move |c| {
+            c.prepare_cached("SELECT value FROM meta WHERE key = ?1")?
+                .query_row([key], |r| r.get(0))
+                .optional()
+        })
+        .await
+    }
+
+    async fn key_versions(&self) -> Result<Vec<StoredKey>, StoreError> {
+        self.read(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT version, algorithm, wrapped, state, created_ms, reserved FROM key_versions ORDER BY version",
+            )?;
+            st.query_map([], |r| {
+                Ok(StoredKey {
+                    version: r.get(0)?,
+                    algorithm: r.get(1)?,
+                    wrapped: r.get(2)?,
+                    state: r.get(3)?,
+                    created_ms: r.get(4)?,
+                    reserved: r.get::<_, i64>(5)? as u64,
+                })
+            })?
+            .collect()
+        })
+        .await
+    }
+
+    async fn principals(&self) -> Result<Vec<PrincipalRecord>, StoreError> {
+        self.read(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT name, role, key_hash, created_ms, revoked_ms FROM principals ORDER BY name",
+            )?;
+            st.query_map([], |r| {
+                Ok(PrincipalRecord {
+                    name: r.get(0)?,
+                    role: r.get(1)?,
+                    key_hash: r.get(2)?,
+                    created_ms: r.get(3)?,
+                    revoked_ms: r.get(4)?,
+                })
+            })?
+            .collect()
+        })
+        .await
+    }
+
+    async fn tokens(&self, ids: Vec<TokenId>) -> Result<Vec<Option<TokenRecord>>, StoreError> {
+        self.read(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT kind, key_version, ciphertext, fingerprint, deterministic, created_ms FROM tokens WHERE id = ?1",
+            )?;
+            ids.iter()
+                .map(|id| st.query_row([&id[..]], |r| token_row(*id, r)).optional())
+                .collect()
+        })
+        .await
+    }
+
+    async fn deterministic_tokens(
+        &self,
+        keys: Vec<(FieldKind, [u8; 32])>,
+    ) -> Result<Vec<Option<TokenId>>, StoreError> {
+        self.read(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT id FROM tokens WHERE kind = ?1 AND fingerprint = ?2 AND deterministic = 1",
+            )?;
+            keys.iter()
+                .map(|(kind, fp)| {
+                    st.query_row(params![kind.code(), &fp[..]], |r| r.get(0))
+                        .optional()
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn commit(&self, batch: WriteBatch) -> Result<Committed, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        let sender = self
+            .writer
+            .lock()
+            .ok()
+            .and_then(|w| w.clone())
+            .ok_or_else(|| StoreError::Unavailable("the store is shutting down".into()))?;
+        sender
+            .send(Job { batch, reply })
+            .map_err(|_| StoreError::Unavailable("the writer has stopped".into()))?;
+        rx.await
+            .map_err(|_| StoreError::Unavailable("the writer stopped before committing".into()))?
+    }
+
+    async fn audit_events(
+        &self,
+        chain: &str,
+        from_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let chain = chain.to_owned();
+        self.read(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT seq, chain, leaf, chain_hash, principal, action, decision, token, ts_ms
+                 FROM audit_events WHERE chain = ?1 AND seq >= ?2 ORDER BY seq LIMIT ?3",
+            )?;
+            st.query_map(params![chain, from_seq as i64, limit as i64], |r| {
+                let hash: Vec<u8> = r.get(3)?;
+                Ok(StoredEvent {
+                    seq: r.get::<_, i64>(0)? as u64,
+                    chain: r.get(1)?,
+                    leaf: r.get(2)?,
+                    chain_hash: hash.try_into().unwrap_or([0; 32]),
+                    principal: r.get(4)?,
+                    action: r.get(5)?,
+                    decision: r.get(6)?,
+                    token: r.get(7)?,
+                    ts_ms: r.get(8)?,
+                })
+            })?
+            .collect()
+        })
+        .await
+    }
+
+    async fn token_count(&self) -> Result<u64, StoreError> {
+        self.read(|c| c.query_row("SELECT count(*) FROM tokens", [], |r| r.get::<_, i64>(0)))
+            .await
+            .map(|n| n as u64)
+    }
+}
+
+/// Per-chain position: the next sequence number and the chain hash so far.
+#[derive(Clone, Copy)]
+struct Head {
+    next_seq: u64,
+    hash: [u8; 32],
+}
+
+struct Writer {
+    conn: Connection,
+    heads: std::collections::HashMap<String, Head>,
+}
+
+impl Writer {
+    fn new(conn: Connection) -> Writer {
+        Writer {
+            conn,
+            heads: Default::default(),
+        }
+    }
+
+    fn run(mut self, rx: mpsc::Receiver<Job>) {
+        // Blocks until a job arrives; returns when every sender is gone and
+        // the queue is drained, so a shutdown commits everything accepted.
+        while let Ok(first) = rx.recv() {
+            let mut jobs = vec![first];
+            while jobs.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(job) => jobs.push(job),
+                    Err(_) => break,
+                }
+            }
+            self.commit_group(jobs);
+        }
+    }
+
+    fn head(&mut self, chain: &str) -> rusqlite::Result<Head> {
+        if let Some(h) = self.heads.get(chain) {
+            return Ok(*h);
+        }
+        let last: Option<(i64, Vec<u8>)> = self
+            .conn
+            .query_row(
+                "SELECT seq, chain_hash FROM audit_events WHERE chain = ?1 ORDER BY seq DESC LIMIT 1",
+                [chain],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let head = match last {
+            Some((seq, hash)) => Head {
+                next_seq: seq as u64 + 1,
+                hash: hash.try_into().unwrap_or([0; 32]),
+            },
+            None => Head {
+                next_seq: 1,
+                hash: audit::GENESIS,
+            },
+        };
+        self.heads.insert(chain.to_owned(), head);
+        Ok(head)
+    }
+
+    fn commit_group(&mut self, jobs: Vec<Job>) {
+        let mut results: Vec<Result<Committed, StoreError>> = Vec::with_capacity(jobs.len());
+        let begun = self.conn.execute_batch("BEGIN IMMEDIATE");
+        if let Err(e) = begun {
+            let msg = e.to_string();
+            for job in jobs {
+                let _ = job.reply.send(Err(StoreError::Unavailable(msg.clone())));
+            }
+            return;
+        }
+        for job in &jobs {
+            let saved = self.heads.clone();
+            let applied = self
+                .conn
+                .execute_batch("SAVEPOINT job")
+                .and_then(|()| self.apply(&job.batch));
+            match applied {
+                Ok(c) => {
+                    results.push(
+                        self.conn
+                            .execute_batch("RELEASE job")
+                            .map(|()| c)
+                            .map_err(unavailable),
+                    );
+                }
+                Err(e) => {
+                    let _ = self.conn.execute_batch("ROLLBACK TO job; RELEASE job");
+                    self.heads = saved;
+                    results.push(Err(unavailable(e)));
+                }
+            }
+        }
+        if let Err(e) = self.conn.execute_batch("COMMIT") {
+            let _ = self.conn.execute_batch("ROLLBACK");
+            // Nothing of the group is durable: forget cached heads so they
+            // are re-read from what actually is.
+            self.heads.clear();
+            let msg = e.to_string();
+            for job in jobs {
+                let _ = job.reply.send(Err(StoreError::Unavailable(msg.clone())));
+            }
+            return;
+        }
+        for (job, result) in jobs.into_iter().zip(results) {
+            let _ = job.reply.send(result);
+        }
+    }
+
+    fn apply(&mut self, b: &WriteBatch) -> rusqlite::Result<Committed> {
+        let mut out = Committed::default();
+        for (k, v) in &b.meta {
+            self.conn
+                .prepare_cached("INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value")?
+                .execute(params![k, v])?;
+        }
+        for k in &b.keys {
+            self.conn
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO key_versions (version, algorithm, wrapped, state, created_ms, reserved)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )?
+                .execute(params![k.version, k.algorithm, k.wrapped, k.state, k.created_ms, k.reserved as i64])?;
+        }
+        for (version, upto) in &b.reserve {
+            self.conn
+                .prepare_cached(
+                    "UPDATE key_versions SET reserved = max(reserved, ?2) WHERE version = ?1",
+                )?
+                .execute(params![version, *upto as i64])?;
+        }
+        for p in &b.principals {
+            self.conn
+                .prepare_cached(
+                    "INSERT INTO principals (name, role, key_hash, created_ms, revoked_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?
+                .execute(params![p.name, p.role, &p.key_hash[..], p.created_ms, p.revoked_ms])?;
+        }
+        for t in &b.tokens {
+            if t.ciphertext.is_empty() {
+                // A deterministic token the caller found already stored.
+                let existing: Option<TokenId> = self
+                    .conn
+                    .prepare_cached("SELECT id FROM tokens WHERE id = ?1")?
+                    .query_row([&t.id[..]], |r| r.get(0))
+                    .optional()?;
+                out.token_ids
+                    .push(existing.ok_or(rusqlite::Error::QueryReturnedNoRows)?);
+                continue;
+            }
+            let inserted = self
+                .conn
+                .prepare_cached(
+                    "INSERT INTO tokens (id, kind, key_version, ciphertext, fingerprint, deterministic, created_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT DO NOTHING",
+                )?
+                .execute(params![
+                    &t.id[..],
+                    t.kind.code(),
+                    t.key_version,
+                    t.ciphertext,
+                    &t.fingerprint[..],
+                    t.deterministic,
+                    t.created_ms
+                ])?;
+            if inserted == 1 {
+                out.token_ids.push(t.id);
+            } else if t.deterministic {
+                // Another request (or an earlier field of this one) stored
+                // the same value first: its token is the token.
+                let existing: TokenId = self
+                    .conn
+                    .prepare_cached("SELECT id FROM tokens WHERE kind = ?1 AND fingerprint = ?2 AND deterministic = 1")?
+                    .query_row(params![t.kind.code(), &t.fingerprint[..]], |r| r.get(0))?;
+                out.token_ids.push(existing);
+            } else {
+                return Err(rusqlite::Error::SqliteFailure(
+                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CONSTRAINT),
+                    Some("token id collision".into()),
+                ));
+            }
+        }
+        for o in &b.orders {
+            self.conn
+                .prepare_cached(
+                    "INSERT INTO orders (id, created_by, created_ms) VALUES (?1, ?2, ?3)",
+                )?
+                .execute(params![&o.id[..], o.created_by, o.created_ms])?;
+            for &i in &o.fields {
+                let token = out
+                    .token_ids
+                    .get(i)
+                    .copied()
+                    .ok_or(rusqlite::Error::InvalidQuery)?;
+                self.conn
+                    .prepare_cached(
+                        "INSERT OR IGNORE INTO order_fields (order_id, token_id) VALUES (?1, ?2)",
+                    )?
+                    .execute(params![&o.id[..], &token[..]])?;
+            }
+        }
+        let chain = b.audit_chain.as_str();
+        for event in &b.audit {
+            let mut head = self.head(chain)?;
+            let seq = head.next_seq;
+            let leaf = audit::encode_leaf(chain, seq, event);
+            head.hash = audit::chain_hash(&head.hash, &leaf);
+            self.conn
+                .prepare_cached(
+                    "INSERT INTO audit_events (chain, seq, ts_ms, principal, action, decision, token, leaf, chain_hash)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                )?
+                .execute(params![
+                    chain,
+                    seq as i64,
+                    event.ts_ms,
+                    event.principal,
+                    event.action.as_str(),
+                    event.decision.as_str(),
+                    event.token,
+                    leaf,
+                    &head.hash[..]
+                ])?;
+            head.next_seq += 1;
+            self.heads.insert(chain.to_owned(), head);
+            out.audit_seqs.push(seq);
+        }
+        Ok(out)
+    }
+}
