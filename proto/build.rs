@@ -23,6 +23,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ".ordervault.v1.Consignee",
             ".ordervault.v1.LineItem",
             ".ordervault.v1.RevealedField",
+            ".ordervault.v1.LeakedRecord",
+            ".ordervault.v1.CreatePrincipalResponse",
         ])
         // Decode errors become INVALID_ARGUMENT, not tonic's default INTERNAL.
         .codec_path("crate::codec::StrictCodec")

@@ -60,6 +60,23 @@ impl fmt::Debug for v1::RevealedField {
     }
 }
 
+impl fmt::Debug for v1::LeakedRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LeakedRecord")
+            .field("columns", &self.fields.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for v1::CreatePrincipalResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CreatePrincipalResponse")
+            .field("principal", &self.principal)
+            .field("api_key", &REDACTED)
+            .finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::v1;

@@ -225,6 +225,35 @@ impl TokenService for TokenApi {
         }))
     }
 
+    async fn ping(
+        &self,
+        req: Request<v1::PingRequest>,
+    ) -> Result<Response<v1::PingResponse>, Status> {
+        authenticate(&self.engine, &req)?;
+        Ok(Response::new(v1::PingResponse {}))
+    }
+
+    async fn grant(
+        &self,
+        _req: Request<v1::GrantRequest>,
+    ) -> Result<Response<v1::GrantResponse>, Status> {
+        Err(Status::unimplemented("grants are not available yet"))
+    }
+
+    async fn revoke(
+        &self,
+        _req: Request<v1::RevokeRequest>,
+    ) -> Result<Response<v1::RevokeResponse>, Status> {
+        Err(Status::unimplemented("grants are not available yet"))
+    }
+
+    async fn list_grants(
+        &self,
+        _req: Request<v1::ListGrantsRequest>,
+    ) -> Result<Response<v1::ListGrantsResponse>, Status> {
+        Err(Status::unimplemented("grants are not available yet"))
+    }
+
     async fn reveal(
         &self,
         req: Request<v1::RevealRequest>,
