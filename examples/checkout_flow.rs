@@ -89,6 +89,29 @@ async fn main() -> ExitCode {
     drop(order);
     print_tokenized(&tokenized);
 
+    // The shop hands the order to a courier and opens a support ticket:
+    // couriers and support agents can reveal an order only under a grant.
+    for (grantee, purpose) in [("courier", "delivery"), ("support", "customer_support")] {
+        match shop
+            .grant(
+                grantee,
+                &tokenized.order_token,
+                purpose,
+                std::time::Duration::from_secs(24 * 3600),
+            )
+            .await
+        {
+            Ok(g) => println!(
+                "shop: granted {grantee} the order for {purpose:?} for 24 h ({})",
+                g.id
+            ),
+            Err(e) => {
+                eprintln!("error: the shop could not grant {grantee} access: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+
     // Downstream: each role reveals every field token for its purpose.
     let fields = field_tokens(&tokenized);
     let mut failed = 0;

@@ -10,9 +10,10 @@ use secrecy::{ExposeSecret, SecretString};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 
+use crate::grant::grant_from_wire;
 use crate::order::{order_to_wire, tokenized_order_from_reply};
 use crate::reveal::revealed_from_reply;
-use crate::{Error, FieldKind, Order, Reveal, Revealed, Token, TokenizedOrder};
+use crate::{Error, FieldKind, Grant, Order, Reveal, Revealed, Token, TokenizedOrder};
 
 /// How long [`Client::connect`] waits for the vault to accept a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -148,6 +149,82 @@ impl Client {
     {
         let tokens = tokens.into_iter().map(|t| t.as_ref().to_owned()).collect();
         Reveal::new(self.clone(), tokens)
+    }
+
+    /// Lets `principal` reveal the fields of the order behind `order_token`
+    /// for `purpose`, for `ttl` (at most 90 days). Needs a role with the
+    /// `grant` permission (the shop in the default policy). Roles that
+    /// require grants (courier, support) can reveal an order only under one.
+    pub async fn grant(
+        &self,
+        principal: &str,
+        order_token: &Token,
+        purpose: &str,
+        ttl: Duration,
+    ) -> Result<Grant, Error> {
+        let authorization = self.authorization()?;
+        let ttl_seconds = u32::try_from(ttl.as_secs().max(1)).unwrap_or(u32::MAX);
+        let request = authorized(
+            pb::GrantRequest {
+                principal: principal.to_owned(),
+                order_token: order_token.as_str().to_owned(),
+                purpose: purpose.to_owned(),
+                ttl_seconds,
+            },
+            authorization,
+        );
+        let reply = self.grpc.clone().grant(request).await?.into_inner();
+        grant_from_wire(reply.grant)
+    }
+
+    /// Ends a grant; the grantee's next reveal of the order is denied.
+    pub async fn revoke_grant(&self, grant_id: &str) -> Result<Grant, Error> {
+        let authorization = self.authorization()?;
+        let request = authorized(
+            pb::RevokeRequest {
+                grant_id: grant_id.to_owned(),
+            },
+            authorization,
+        );
+        let reply = self.grpc.clone().revoke(request).await?.into_inner();
+        grant_from_wire(reply.grant)
+    }
+
+    /// Grants of an order, of a principal, or of both; live ones only unless
+    /// `include_inactive`.
+    pub async fn list_grants(
+        &self,
+        order_token: Option<&Token>,
+        principal: Option<&str>,
+        include_inactive: bool,
+    ) -> Result<Vec<Grant>, Error> {
+        let authorization = self.authorization()?;
+        let request = authorized(
+            pb::ListGrantsRequest {
+                order_token: order_token
+                    .map(|t| t.as_str().to_owned())
+                    .unwrap_or_default(),
+                principal: principal.unwrap_or_default().to_owned(),
+                include_inactive,
+            },
+            authorization,
+        );
+        let reply = self.grpc.clone().list_grants(request).await?.into_inner();
+        reply
+            .grants
+            .into_iter()
+            .map(|g| grant_from_wire(Some(g)))
+            .collect()
+    }
+
+    /// An authenticated no-op: checks the connection and the API key.
+    pub async fn ping(&self) -> Result<(), Error> {
+        let authorization = self.authorization()?;
+        self.grpc
+            .clone()
+            .ping(authorized(pb::PingRequest {}, authorization))
+            .await?;
+        Ok(())
     }
 
     pub(crate) async fn send_reveal(
@@ -338,6 +415,34 @@ mod tests {
 
     #[tonic::async_trait]
     impl TokenService for FakeVault {
+        async fn grant(
+            &self,
+            _: Request<pb::GrantRequest>,
+        ) -> Result<Response<pb::GrantResponse>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+
+        async fn revoke(
+            &self,
+            _: Request<pb::RevokeRequest>,
+        ) -> Result<Response<pb::RevokeResponse>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+
+        async fn list_grants(
+            &self,
+            _: Request<pb::ListGrantsRequest>,
+        ) -> Result<Response<pb::ListGrantsResponse>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+
+        async fn ping(
+            &self,
+            _: Request<pb::PingRequest>,
+        ) -> Result<Response<pb::PingResponse>, Status> {
+            Ok(Response::new(pb::PingResponse {}))
+        }
+
         async fn tokenize(
             &self,
             request: Request<pb::TokenizeRequest>,

@@ -70,12 +70,14 @@
 
 mod client;
 mod error;
+mod grant;
 mod order;
 mod reveal;
 mod token;
 
 pub use client::Client;
 pub use error::Error;
+pub use grant::Grant;
 pub use order::{
     Consignee, LineItem, Order, TokenizedConsignee, TokenizedLineItem, TokenizedOrder,
 };

@@ -134,6 +134,14 @@ async fn an_acknowledged_tokenize_survives_sigkill() {
         .await
         .unwrap();
     let order = shop.tokenize_order(&sample_order(7)).await.unwrap();
+    shop.grant(
+        "courier",
+        &order.order_token,
+        "delivery",
+        std::time::Duration::from_secs(3600),
+    )
+    .await
+    .unwrap();
     // Killed right after the replies: no shutdown, no flush.
     first.kill9();
 
@@ -145,12 +153,19 @@ async fn an_acknowledged_tokenize_survives_sigkill() {
     );
     let courier = second.client(&courier_key).await;
     let revealed = courier
-        .reveal([&tokens[0], &order.consignee.address])
+        .reveal([&order.consignee.phone, &order.consignee.address])
         .purpose("delivery")
         .await
         .unwrap();
-    assert_eq!(revealed[0].plain(), Some("+8618600004321"));
+    assert_eq!(revealed[0].plain(), Some("+8613910075678"));
     assert_eq!(revealed[1].plain(), Some("浙江省杭州市西湖区文三路107号"));
+    let shop = second.client(&shop_key).await;
+    let bare = shop
+        .reveal(&tokens)
+        .purpose("order_management")
+        .await
+        .unwrap();
+    assert_eq!(bare[0].masked(), Some("186****4321"));
     second.terminate();
 
     // The log written across the crash still verifies.
@@ -190,6 +205,14 @@ async fn trace_logs_hold_no_value_key_or_api_key() {
         .client(&key("shop"))
         .await
         .tokenize_order(&sample_order(42))
+        .await
+        .unwrap();
+    let shop = served.client(&key("shop")).await;
+    let hour = std::time::Duration::from_secs(3600);
+    shop.grant("courier", &order.order_token, "delivery", hour)
+        .await
+        .unwrap();
+    shop.grant("support", &order.order_token, "customer_support", hour)
         .await
         .unwrap();
     for (role, purpose) in [
@@ -317,6 +340,17 @@ async fn offline_verify_names_an_edited_event() {
         .await
         .unwrap();
     vault
+        .client("shop")
+        .await
+        .grant(
+            "courier",
+            &order.order_token,
+            "delivery",
+            std::time::Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    vault
         .client("courier")
         .await
         .reveal(order.all_tokens())
@@ -436,4 +470,43 @@ fn init_creates_an_owner_only_vault_once() {
         .unwrap();
     assert_eq!(again.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&again.stderr).contains("already holds an initialised vault"));
+}
+
+/// `ordervault bench` in a short mode, so it cannot rot. Its figures are
+/// not asserted (they belong in docs/benchmarks.md), only that it runs
+/// every case against a real vault and reports each.
+#[test]
+fn bench_runs_in_short_mode() {
+    let out = Command::new(BIN)
+        .args([
+            "bench",
+            "--duration",
+            "300ms",
+            "--warmup",
+            "0s",
+            "--concurrency",
+            "1,4",
+            "--preload",
+            "3000",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let text = report.to_string();
+    for case in [
+        "ping",
+        "tokenize",
+        "tokenize_order",
+        "tokenize_100",
+        "reveal",
+        "reveal_100",
+    ] {
+        assert!(
+            text.contains(&format!("\"{case}\"")),
+            "{case} missing from {text}"
+        );
+    }
 }

@@ -8,4 +8,5 @@
 mod bad_input;
 mod binary;
 mod flow;
+mod stories;
 mod support;

@@ -4,14 +4,31 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 
-use ordervault::engine::{Engine, EngineConfig, SystemClock};
+use ordervault::engine::{Clock, Engine, EngineConfig, Principal, SystemClock};
 use ordervault::setup::{self, DEMO_ROLES, Layout};
 use ordervault::store::Store;
 use ordervault::store::sqlite::SqliteStore;
 use ordervault_sdk::{Client, Consignee, LineItem, Order};
 use secrecy::ExposeSecret;
 use tokio::sync::oneshot;
+
+/// A clock the tests move by hand; starts at the real time.
+#[derive(Debug)]
+pub struct TestClock(AtomicI64);
+
+impl TestClock {
+    pub fn advance(&self, ms: i64) {
+        self.0.fetch_add(ms, Ordering::SeqCst);
+    }
+}
+
+impl Clock for TestClock {
+    fn now_ms(&self) -> i64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
 
 /// A running vault on loopback.
 pub struct Vault {
@@ -20,6 +37,8 @@ pub struct Vault {
     pub keys: HashMap<String, String>,
     pub engine: Arc<Engine>,
     pub store: Arc<SqliteStore>,
+    pub clock: Arc<TestClock>,
+    config: EngineConfig,
     stop: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<()>>,
 }
@@ -31,16 +50,35 @@ impl Vault {
     }
 
     pub async fn start_with(config: EngineConfig) -> Vault {
+        Vault::start_custom(config, None).await
+    }
+
+    /// Like `start_with`, with `policy` written over the default policy file.
+    pub async fn start_custom(config: EngineConfig, policy: Option<&str>) -> Vault {
         let dir = tempfile::tempdir().unwrap();
         let layout = Layout::new(dir.path().join("data"));
         let created = setup::init(&layout, &DEMO_ROLES, &config.chain, &SystemClock)
             .await
             .unwrap();
+        if let Some(text) = policy {
+            std::fs::write(layout.policy(), text).unwrap();
+        }
         let keys = created
             .iter()
             .map(|p| (p.name.clone(), p.api_key.expose_secret().to_owned()))
             .collect();
-        let (engine, store) = setup::open(&layout, Arc::new(SystemClock), config)
+        let clock = Arc::new(TestClock(AtomicI64::new(SystemClock.now_ms())));
+        Vault::serve(dir, keys, clock, config).await
+    }
+
+    async fn serve(
+        dir: tempfile::TempDir,
+        keys: HashMap<String, String>,
+        clock: Arc<TestClock>,
+        config: EngineConfig,
+    ) -> Vault {
+        let layout = Layout::new(dir.path().join("data"));
+        let (engine, store) = setup::open(&layout, clock.clone(), config.clone())
             .await
             .unwrap();
         // Bind first, then spawn: no sleeping while the server starts.
@@ -63,9 +101,35 @@ impl Vault {
             keys,
             engine,
             store,
+            clock,
+            config,
             stop: Some(stop),
             server: Some(server),
         }
+    }
+
+    /// Stops the server and starts a new one on the same data directory,
+    /// as a process restart would (in-memory state is gone).
+    pub async fn restart(self) -> Vault {
+        let (keys, clock, config) = (self.keys.clone(), self.clock.clone(), self.config.clone());
+        let dir = self.stop().await;
+        Vault::serve(dir, keys, clock, config).await
+    }
+
+    /// Creates a principal through the engine, as the admin would; returns its key.
+    pub async fn add_principal(&mut self, name: &str, role: &str) -> String {
+        let admin = Principal {
+            name: "admin".into(),
+            role: "admin".into(),
+        };
+        let (_, key) = self
+            .engine
+            .create_principal(&admin, name, role)
+            .await
+            .unwrap();
+        let key = key.expose_secret().to_owned();
+        self.keys.insert(name.to_owned(), key.clone());
+        key
     }
 
     pub fn url(&self) -> String {
@@ -140,6 +204,11 @@ impl Vault {
         }
         self.store.close();
         self.dir
+    }
+
+    /// Stored alerts, oldest first.
+    pub async fn alerts(&self) -> Vec<ordervault::store::AlertRecord> {
+        self.store.alerts(0, 100_000).await.unwrap()
     }
 }
 

@@ -25,6 +25,12 @@ pub enum Action {
     AuthFailed,
     /// An administrative action (init, principal created, key created).
     Admin,
+    /// Access to an order was granted.
+    Grant,
+    /// A grant was revoked.
+    Revoke,
+    /// A reveal was refused by a rate or daily cap.
+    QuotaExceeded,
 }
 
 impl Action {
@@ -35,6 +41,9 @@ impl Action {
             Action::Reveal => "reveal",
             Action::AuthFailed => "auth_failed",
             Action::Admin => "admin",
+            Action::Grant => "grant",
+            Action::Revoke => "revoke",
+            Action::QuotaExceeded => "quota_exceeded",
         }
     }
 }

@@ -37,6 +37,8 @@ pub enum Command {
     /// Inspect the audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Measure throughput and latency against a vault it starts itself.
+    Bench(crate::bench::BenchArgs),
 }
 
 /// Where the vault's data lives.
@@ -126,6 +128,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Audit(AuditCommand::Verify(args)) => verify(args).await,
+        Command::Bench(args) => crate::bench::run(args).await,
     }
 }
 
@@ -175,6 +178,7 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
     let config = EngineConfig {
         chain: args.data.node_id.clone(),
         encryption_cap: args.encryption_cap,
+        ..EngineConfig::default()
     };
     let (engine, store) = setup::open(&layout, Arc::new(SystemClock), config).await?;
     let listener = tokio::net::TcpListener::bind(args.listen)

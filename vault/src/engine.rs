@@ -10,8 +10,9 @@
 //! committed durably → only then the values. If the audit write fails,
 //! nothing is revealed.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, RwLock};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, RwLock};
 
 use subtle::ConstantTimeEq;
 use tracing::{instrument, warn};
@@ -20,10 +21,16 @@ use zeroize::Zeroizing;
 use crate::audit::{Action, AuditEvent, Decision};
 use crate::crypto::{self, Algorithm, SecretKey};
 use crate::error::VaultError;
+use crate::guard::{
+    self, AuthThrottle, AuthThrottleConfig, Bucket, BulkConfig, BulkWindow, DayOrders,
+};
 use crate::keyring::{self, KeyVersion, Keyring};
 use crate::kinds::{FieldKind, InvalidValue};
-use crate::policy::{Permission, Policy, Purpose, RolePolicy, Visibility};
-use crate::store::{OrderRecord, PrincipalRecord, Store, TokenId, TokenRecord, WriteBatch};
+use crate::policy::{Limits, Permission, Policy, Purpose, RolePolicy, Visibility};
+use crate::store::{
+    AlertRecord, GrantFilter, GrantRecord, OrderRecord, PrincipalRecord, Store, TokenId,
+    TokenRecord, WriteBatch,
+};
 use crate::token::{Token, TokenClass};
 
 /// Most fields (or tokens) in one request.
@@ -61,7 +68,26 @@ pub mod reason {
     pub const UNKNOWN_API_KEY: &str = "unknown_api_key";
     /// The API key was revoked.
     pub const REVOKED_API_KEY: &str = "revoked_api_key";
+    /// The role needs a grant for this order and purpose, and has none.
+    pub const NO_GRANT: &str = "no_grant";
+    /// The grant for this order and purpose has expired.
+    pub const GRANT_EXPIRED: &str = "grant_expired";
+    /// The role may not grant or revoke.
+    pub const GRANT_NOT_ALLOWED: &str = "grant_not_allowed";
 }
+
+/// Alert kinds.
+pub mod alert {
+    /// A rate or daily cap was hit.
+    pub const QUOTA_EXCEEDED: &str = "quota_exceeded";
+    /// An address was throttled after repeated failed authentication.
+    pub const AUTH_THROTTLED: &str = "auth_throttled";
+    /// A principal revealed far more distinct orders than its baseline.
+    pub const BULK_EXTRACTION: &str = "bulk_extraction";
+}
+
+/// Longest grant: 90 days.
+pub const MAX_GRANT_TTL_SECS: u32 = 90 * 86_400;
 
 /// Time source, injected so expiry and rotation are testable.
 pub trait Clock: Send + Sync + 'static {
@@ -123,6 +149,10 @@ pub struct EngineConfig {
     pub chain: String,
     /// Most encryptions per AES-GCM key version.
     pub encryption_cap: u64,
+    /// Failed-authentication throttling per peer address.
+    pub auth_throttle: AuthThrottleConfig,
+    /// Bulk-extraction detection.
+    pub bulk: BulkConfig,
 }
 
 impl Default for EngineConfig {
@@ -130,8 +160,38 @@ impl Default for EngineConfig {
         EngineConfig {
             chain: "node-1".into(),
             encryption_cap: DEFAULT_ENCRYPTION_CAP,
+            auth_throttle: AuthThrottleConfig::default(),
+            bulk: BulkConfig::default(),
         }
     }
+}
+
+/// Per-principal quota state, shared by all of its connections.
+#[derive(Default)]
+struct Quotas {
+    buckets: HashMap<String, Bucket>,
+    days: HashMap<String, DayOrders>,
+    bulk: HashMap<String, BulkWindow>,
+    /// Last alert time per (principal, alert kind), to raise one per window.
+    alerted: HashMap<(String, &'static str), i64>,
+}
+
+/// A grant id as shown to callers: `gr_` + 26 base32 characters.
+pub fn grant_id_string(id: &[u8; 16]) -> String {
+    format!(
+        "gr_{}",
+        data_encoding::BASE32_NOPAD.encode(id).to_ascii_lowercase()
+    )
+}
+
+/// Parses a grant id.
+pub fn parse_grant_id(s: &str) -> Option<[u8; 16]> {
+    let body = s.strip_prefix("gr_")?;
+    let bytes = data_encoding::BASE32_NOPAD
+        .decode(body.to_ascii_uppercase().as_bytes())
+        .ok()?;
+    let id: [u8; 16] = bytes.try_into().ok()?;
+    (grant_id_string(&id) == s).then_some(id)
 }
 
 /// A value to tokenize, taken out of the request at the edge.
@@ -280,6 +340,9 @@ pub struct Engine {
     policy: RwLock<Arc<Policy>>,
     principals: RwLock<Arc<HashMap<[u8; 32], PrincipalEntry>>>,
     reserve_lock: tokio::sync::Mutex<()>,
+    quotas: tokio::sync::Mutex<Quotas>,
+    throttle: Mutex<AuthThrottle>,
+    alert_counts: Mutex<BTreeMap<&'static str, u64>>,
     clock: Arc<dyn Clock>,
     config: EngineConfig,
 }
@@ -331,6 +394,9 @@ impl Engine {
             policy: RwLock::new(Arc::new(policy)),
             principals: RwLock::new(Arc::new(HashMap::new())),
             reserve_lock: tokio::sync::Mutex::new(()),
+            quotas: tokio::sync::Mutex::new(Quotas::default()),
+            throttle: Mutex::new(AuthThrottle::default()),
+            alert_counts: Mutex::new(BTreeMap::new()),
             clock,
             config,
         };
@@ -412,12 +478,27 @@ impl Engine {
     }
 
     /// Resolves an API key to a principal. Failures are audited (without
-    /// waiting) and say nothing about which keys exist.
+    /// waiting), say nothing about which keys exist, and count against the
+    /// peer address: too many and the address is refused for a while, even
+    /// with a right key.
     pub fn authenticate(
         &self,
         presented: Option<&str>,
-        peer: Option<String>,
+        peer: Option<IpAddr>,
     ) -> Result<Principal, VaultError> {
+        let now = self.now();
+        if let Some(ip) = peer {
+            let blocked = self.throttle.lock().ok().and_then(|t| t.blocked(ip, now));
+            if let Some(wait) = blocked {
+                return Err(VaultError::RateLimited {
+                    message: format!(
+                        "too many failed authentications from this address; retry in {} s",
+                        wait.div_ceil(1000)
+                    ),
+                    retry_after_ms: wait,
+                });
+            }
+        }
         let outcome = match presented {
             None => Err(reason::MISSING_API_KEY),
             Some(key) => {
@@ -437,42 +518,95 @@ impl Engine {
                 }
             }
         };
-        outcome.map_err(|why| {
-            warn!(
-                reason = why,
-                peer = peer.as_deref().unwrap_or("unknown"),
-                "authentication failed"
-            );
-            let policy = self.policy();
-            let anonymous = Principal {
-                name: String::new(),
-                role: String::new(),
-            };
-            let mut ev = self.event(
-                &anonymous,
-                Action::AuthFailed,
-                Decision::Denied,
-                &request_id(),
-                &policy,
-            );
-            ev.reason = Some(why.to_owned());
-            ev.peer = peer;
-            let store = self.store.clone();
-            let chain = self.config.chain.clone();
-            tokio::spawn(async move {
-                let batch = WriteBatch {
-                    audit_chain: chain,
-                    audit: vec![ev],
-                    ..Default::default()
-                };
-                if let Err(e) = store.commit(batch).await {
-                    warn!(error = %e, "could not audit a failed authentication");
-                }
-            });
-            VaultError::Unauthenticated(
-                "missing, unknown or revoked API key; send `authorization: Bearer <key>`".into(),
-            )
-        })
+        let why = match outcome {
+            Ok(principal) => return Ok(principal),
+            Err(why) => why,
+        };
+        let peer_text = peer.map(|p| p.to_string());
+        warn!(
+            reason = why,
+            peer = peer_text.as_deref().unwrap_or("unknown"),
+            "authentication failed"
+        );
+        let policy = self.policy();
+        let anonymous = Principal {
+            name: String::new(),
+            role: String::new(),
+        };
+        let mut ev = self.event(
+            &anonymous,
+            Action::AuthFailed,
+            Decision::Denied,
+            &request_id(),
+            &policy,
+        );
+        ev.reason = Some(why.to_owned());
+        ev.peer = peer_text.clone();
+        let mut batch = WriteBatch {
+            audit_chain: self.config.chain.clone(),
+            audit: vec![ev],
+            ..Default::default()
+        };
+        let started_block = peer.is_some_and(|ip| {
+            self.throttle
+                .lock()
+                .map(|mut t| t.failure(self.config.auth_throttle, ip, now))
+                .unwrap_or(false)
+        });
+        if started_block {
+            let cfg = self.config.auth_throttle;
+            batch.alerts.push(self.alert(
+                alert::AUTH_THROTTLED,
+                "",
+                peer_text.as_deref().unwrap_or(""),
+                format!(
+                    "{} failed authentications within {} s; address refused for {} s",
+                    cfg.max_failures,
+                    cfg.window_ms / 1000,
+                    cfg.backoff_ms / 1000
+                ),
+            ));
+        }
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            if let Err(e) = store.commit(batch).await {
+                warn!(error = %e, "could not audit a failed authentication");
+            }
+        });
+        Err(VaultError::Unauthenticated(
+            "missing, unknown or revoked API key; send `authorization: Bearer <key>`".into(),
+        ))
+    }
+
+    /// Builds an alert: logged at WARN and counted now, stored with the
+    /// batch it is added to.
+    fn alert(
+        &self,
+        kind: &'static str,
+        principal: &str,
+        peer: &str,
+        detail: String,
+    ) -> AlertRecord {
+        warn!(alert = kind, principal, peer, detail = %detail, "alert raised");
+        if let Ok(mut counts) = self.alert_counts.lock() {
+            *counts.entry(kind).or_default() += 1;
+        }
+        AlertRecord {
+            id: 0,
+            at_ms: self.now(),
+            kind: kind.to_owned(),
+            principal: principal.to_owned(),
+            peer: peer.to_owned(),
+            detail,
+        }
+    }
+
+    /// Alerts raised since start, by kind.
+    pub fn alert_counts(&self) -> BTreeMap<&'static str, u64> {
+        self.alert_counts
+            .lock()
+            .map(|c| c.clone())
+            .unwrap_or_default()
     }
 
     fn role<'p>(&self, policy: &'p Policy, p: &Principal) -> Result<&'p RolePolicy, VaultError> {
@@ -819,17 +953,80 @@ impl Engine {
                 return Err(err);
             }
         }
+        let rows: Vec<TokenRecord> = rows.into_iter().flatten().collect();
+        let orders = self
+            .store
+            .orders_of_tokens(rows.iter().map(|r| r.id).collect())
+            .await?;
+        let grant_denials = self.grant_check(principal, role, &purpose, &orders).await?;
+        // What each token would disclose, before quotas.
+        let visibility: Vec<Visibility> = rows
+            .iter()
+            .zip(&grant_denials)
+            .map(|(r, g)| {
+                if g.is_some() {
+                    Visibility::Deny
+                } else {
+                    role.visibility(r.kind)
+                }
+            })
+            .collect();
+        // The records a reveal counts against daily caps: the order a token
+        // belongs to, or the token itself outside any order.
+        let records: Vec<TokenId> = rows
+            .iter()
+            .zip(&orders)
+            .zip(&visibility)
+            .filter(|(_, v)| **v != Visibility::Deny)
+            .map(|((r, o), _)| o.first().copied().unwrap_or(r.id))
+            .collect();
+        let limits = policy.limits(&principal.name, role);
+        let mut batch = WriteBatch {
+            audit_chain: self.config.chain.clone(),
+            ..Default::default()
+        };
+        if !records.is_empty() {
+            let checked = self.check_quotas(principal, &limits, &records).await;
+            match checked {
+                Ok((days, alerts)) => {
+                    batch.reveal_days = days;
+                    batch.alerts = alerts;
+                }
+                Err(exceeded) => {
+                    let mut ev = self.event(
+                        principal,
+                        Action::QuotaExceeded,
+                        Decision::Denied,
+                        &rid,
+                        &policy,
+                    );
+                    ev.purpose = Some(purpose.as_str().to_owned());
+                    ev.reason = Some(exceeded.what.clone());
+                    ev.count = Some(tokens.len() as u32);
+                    batch.audit.push(ev);
+                    batch.alerts.extend(exceeded.alert);
+                    self.store.commit(batch).await.map_err(|e| {
+                        VaultError::Unavailable(format!("the audit log cannot be written ({e})"))
+                    })?;
+                    return Err(exceeded.error);
+                }
+            }
+        }
         let keyring = read(&self.keyring);
         let mut out = Vec::with_capacity(tokens.len());
-        let mut events = Vec::with_capacity(tokens.len());
         let mut corrupt = Vec::new();
-        for (t, row) in tokens.iter().zip(rows) {
-            let Some(row) = row else { continue };
-            let vis = role.visibility(row.kind);
+        for (((t, row), vis), (grant_denial, order_ids)) in tokens
+            .iter()
+            .zip(&rows)
+            .zip(&visibility)
+            .zip(grant_denials.iter().zip(&orders))
+        {
             let disclosure = match vis {
-                Visibility::Deny => Disclosure::Denied(reason::KIND_NOT_ALLOWED),
-                Visibility::Plain | Visibility::Masked => match open(&keyring, &row) {
-                    Some(value) if vis == Visibility::Plain => Disclosure::Plain(value),
+                Visibility::Deny => {
+                    Disclosure::Denied(grant_denial.unwrap_or(reason::KIND_NOT_ALLOWED))
+                }
+                Visibility::Plain | Visibility::Masked => match open(&keyring, row) {
+                    Some(value) if *vis == Visibility::Plain => Disclosure::Plain(value),
                     Some(value) => Disclosure::Masked(row.kind.mask(&value)),
                     None => {
                         corrupt.push(per_token(
@@ -848,7 +1045,10 @@ impl Engine {
             };
             let mut ev = per_token(t, decision, why);
             ev.key_version = Some(row.key_version);
-            events.push(ev);
+            ev.order_token = order_ids
+                .first()
+                .map(|o| Token::from_parts(TokenClass::Order, *o).to_string());
+            batch.audit.push(ev);
             out.push(Revealed {
                 token: *t,
                 kind: row.kind,
@@ -864,9 +1064,547 @@ impl Engine {
                 "{n} stored value(s) failed their integrity check; nothing was revealed. The stored data was altered or corrupted: an operator must investigate"
             )));
         }
-        self.append_audit(events).await?;
+        self.store.commit(batch).await.map_err(|e| {
+            VaultError::Unavailable(format!(
+                "the audit log cannot be written ({e}); nothing was revealed"
+            ))
+        })?;
         Ok(out)
     }
+
+    fn require(
+        &self,
+        policy: &Policy,
+        principal: &Principal,
+        any_of: &[Permission],
+        what: &str,
+    ) -> Result<(), VaultError> {
+        let role = self.role(policy, principal)?;
+        if any_of.iter().any(|p| role.has(*p)) {
+            return Ok(());
+        }
+        Err(VaultError::PermissionDenied(format!(
+            "role {:?} may not {what}; it needs the {} permission",
+            role.name(),
+            any_of
+                .iter()
+                .map(|p| format!("`{}`", p.as_str()))
+                .collect::<Vec<_>>()
+                .join(" or ")
+        )))
+    }
+
+    /// Audits an admin action by `actor` (allowed or denied) durably.
+    async fn audit_admin(
+        &self,
+        actor: &Principal,
+        decision: Decision,
+        detail: String,
+    ) -> Result<(), VaultError> {
+        let policy = self.policy();
+        let mut ev = self.event(actor, Action::Admin, decision, &request_id(), &policy);
+        ev.reason = Some(detail);
+        self.append_audit(vec![ev]).await
+    }
+
+    /// Checks the `admin` permission; a refusal is audited.
+    pub async fn require_admin(&self, actor: &Principal, what: &str) -> Result<(), VaultError> {
+        let policy = self.policy();
+        match self.require(&policy, actor, &[Permission::Admin], what) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.audit_admin(
+                    actor,
+                    Decision::Denied,
+                    format!("{what}: admin_not_allowed"),
+                )
+                .await?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Creates a principal and its API key (returned once). Needs `admin`.
+    pub async fn create_principal(
+        &self,
+        actor: &Principal,
+        name: &str,
+        role: &str,
+    ) -> Result<(PrincipalRecord, secrecy::SecretString), VaultError> {
+        self.require_admin(actor, "create principals").await?;
+        let valid = !name.is_empty()
+            && name.len() <= 64
+            && name.bytes().all(|b| {
+                b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_' || b == b'.'
+            });
+        if !valid {
+            return Err(VaultError::InvalidArgument(
+                "principal name must be 1-64 characters of a-z, 0-9, '-', '_' and '.'".into(),
+            ));
+        }
+        let policy = self.policy();
+        if policy.role(role).is_none() {
+            return Err(VaultError::InvalidArgument(format!(
+                "role {role:?} is not defined in the policy; roles: {}",
+                policy
+                    .roles()
+                    .map(RolePolicy::name)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        let (key, hash) = api_key::generate();
+        let record = PrincipalRecord {
+            name: name.to_owned(),
+            role: role.to_owned(),
+            key_hash: hash,
+            created_ms: self.now(),
+            revoked_ms: None,
+        };
+        let mut ev = self.event(
+            actor,
+            Action::Admin,
+            Decision::Allowed,
+            &request_id(),
+            &policy,
+        );
+        ev.reason = Some(format!("principal_created name={name} role={role}"));
+        self.store
+            .commit(WriteBatch {
+                principals: vec![record.clone()],
+                audit_chain: self.config.chain.clone(),
+                audit: vec![ev],
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| match VaultError::from(e) {
+                VaultError::AlreadyExists(_) => {
+                    VaultError::AlreadyExists(format!("principal {name:?} already exists"))
+                }
+                other => other,
+            })?;
+        self.reload_principals().await?;
+        Ok((record, key))
+    }
+
+    /// Revokes a principal; its key is refused from the next request on.
+    pub async fn revoke_principal(
+        &self,
+        actor: &Principal,
+        name: &str,
+    ) -> Result<PrincipalRecord, VaultError> {
+        self.require_admin(actor, "revoke principals").await?;
+        let mut record = self
+            .store
+            .principals()
+            .await?
+            .into_iter()
+            .find(|p| p.name == name)
+            .ok_or_else(|| VaultError::NotFound(format!("principal {name:?} does not exist")))?;
+        if record.revoked_ms.is_some() {
+            return Err(VaultError::FailedPrecondition(format!(
+                "principal {name:?} is already revoked"
+            )));
+        }
+        let now = self.now();
+        let policy = self.policy();
+        let mut ev = self.event(
+            actor,
+            Action::Admin,
+            Decision::Allowed,
+            &request_id(),
+            &policy,
+        );
+        ev.reason = Some(format!("principal_revoked name={name}"));
+        self.store
+            .commit(WriteBatch {
+                principal_revocations: vec![(name.to_owned(), now)],
+                audit_chain: self.config.chain.clone(),
+                audit: vec![ev],
+                ..Default::default()
+            })
+            .await?;
+        self.reload_principals().await?;
+        record.revoked_ms = Some(now);
+        Ok(record)
+    }
+
+    /// Lets `grantee` reveal the fields of `order` for `purpose` for
+    /// `ttl_secs`. Needs the `grant` permission; audited.
+    #[instrument(skip_all, fields(principal = %principal.name))]
+    pub async fn grant(
+        &self,
+        principal: &Principal,
+        grantee: &str,
+        order: &str,
+        purpose: &str,
+        ttl_secs: u32,
+    ) -> Result<GrantRecord, VaultError> {
+        let policy = self.policy();
+        let rid = request_id();
+        if let Err(e) = self.require(
+            &policy,
+            principal,
+            &[Permission::Grant],
+            "grant access to orders",
+        ) {
+            let mut ev = self.event(principal, Action::Grant, Decision::Denied, &rid, &policy);
+            ev.reason = Some(reason::GRANT_NOT_ALLOWED.into());
+            self.append_audit(vec![ev]).await?;
+            return Err(e);
+        }
+        let order = Token::parse(order)
+            .ok()
+            .filter(|t| t.class() == TokenClass::Order)
+            .ok_or_else(|| {
+                VaultError::InvalidArgument("order_token is not an order token (ot_...)".into())
+            })?;
+        let purpose = Purpose::parse(purpose)
+            .filter(|p| policy.knows_purpose(p))
+            .ok_or_else(|| {
+                VaultError::InvalidArgument(
+                    "purpose is missing or not defined in the policy".into(),
+                )
+            })?;
+        if ttl_secs == 0 || ttl_secs > MAX_GRANT_TTL_SECS {
+            return Err(VaultError::InvalidArgument(format!(
+                "ttl_seconds must be between 1 and {MAX_GRANT_TTL_SECS} (90 days)"
+            )));
+        }
+        let target = read(&self.principals)
+            .values()
+            .find(|e| e.principal.name == grantee && !e.revoked)
+            .map(|e| e.principal.clone())
+            .ok_or_else(|| {
+                VaultError::NotFound(format!(
+                    "principal {grantee:?} does not exist or is revoked"
+                ))
+            })?;
+        let target_role = self.role(&policy, &target)?;
+        if !target_role.allows_purpose(&purpose) {
+            return Err(VaultError::FailedPrecondition(format!(
+                "principal {grantee:?} (role {:?}) cannot reveal for purpose {:?}; grant one of its purposes",
+                target_role.name(),
+                purpose.as_str()
+            )));
+        }
+        if !self.store.order_exists(*order.id()).await? {
+            return Err(VaultError::NotFound(
+                "order_token is not held by this vault".into(),
+            ));
+        }
+        let now = self.now();
+        let record = GrantRecord {
+            id: crypto::random_bytes::<16>(),
+            principal: target.name.clone(),
+            order_id: *order.id(),
+            purpose: purpose.as_str().to_owned(),
+            expires_ms: now + i64::from(ttl_secs) * 1000,
+            granted_by: principal.name.clone(),
+            created_ms: now,
+            revoked_ms: None,
+        };
+        let mut ev = self.event(principal, Action::Grant, Decision::Allowed, &rid, &policy);
+        ev.order_token = Some(order.to_string());
+        ev.purpose = Some(purpose.as_str().to_owned());
+        ev.reason = Some(format!(
+            "grant={} grantee={} ttl_seconds={ttl_secs}",
+            grant_id_string(&record.id),
+            target.name
+        ));
+        self.store
+            .commit(WriteBatch {
+                grants: vec![record.clone()],
+                audit_chain: self.config.chain.clone(),
+                audit: vec![ev],
+                ..Default::default()
+            })
+            .await?;
+        Ok(record)
+    }
+
+    /// Revokes a grant; effective on the next request. Needs `grant`; audited.
+    #[instrument(skip_all, fields(principal = %principal.name))]
+    pub async fn revoke_grant(
+        &self,
+        principal: &Principal,
+        grant_id: &str,
+    ) -> Result<GrantRecord, VaultError> {
+        let policy = self.policy();
+        let rid = request_id();
+        if let Err(e) = self.require(&policy, principal, &[Permission::Grant], "revoke grants") {
+            let mut ev = self.event(principal, Action::Revoke, Decision::Denied, &rid, &policy);
+            ev.reason = Some(reason::GRANT_NOT_ALLOWED.into());
+            self.append_audit(vec![ev]).await?;
+            return Err(e);
+        }
+        let id = parse_grant_id(grant_id).ok_or_else(|| {
+            VaultError::InvalidArgument("grant_id is not a grant id (gr_...)".into())
+        })?;
+        let mut grant = self
+            .store
+            .grant(id)
+            .await?
+            .ok_or_else(|| VaultError::NotFound("no such grant".into()))?;
+        let now = self.now();
+        let mut ev = self.event(principal, Action::Revoke, Decision::Allowed, &rid, &policy);
+        ev.order_token = Some(Token::from_parts(TokenClass::Order, grant.order_id).to_string());
+        ev.purpose = Some(grant.purpose.clone());
+        ev.reason = Some(format!("grant={grant_id} grantee={}", grant.principal));
+        self.store
+            .commit(WriteBatch {
+                grant_revocations: vec![(id, now)],
+                audit_chain: self.config.chain.clone(),
+                audit: vec![ev],
+                ..Default::default()
+            })
+            .await?;
+        grant.revoked_ms.get_or_insert(now);
+        Ok(grant)
+    }
+
+    /// Grants of an order and/or a principal.
+    pub async fn list_grants(
+        &self,
+        principal: &Principal,
+        order: Option<&str>,
+        grantee: Option<&str>,
+        include_inactive: bool,
+    ) -> Result<Vec<GrantRecord>, VaultError> {
+        let policy = self.policy();
+        self.require(
+            &policy,
+            principal,
+            &[Permission::Grant, Permission::Audit, Permission::Admin],
+            "list grants",
+        )?;
+        let orders = match order {
+            Some(o) => vec![
+                *Token::parse(o)
+                    .ok()
+                    .filter(|t| t.class() == TokenClass::Order)
+                    .ok_or_else(|| {
+                        VaultError::InvalidArgument(
+                            "order_token is not an order token (ot_...)".into(),
+                        )
+                    })?
+                    .id(),
+            ],
+            None => Vec::new(),
+        };
+        if orders.is_empty() && grantee.is_none() {
+            return Err(VaultError::InvalidArgument(
+                "give an order_token, a principal, or both".into(),
+            ));
+        }
+        let now = self.now();
+        let grants = self
+            .store
+            .grants(GrantFilter {
+                principal: grantee.map(str::to_owned),
+                orders,
+            })
+            .await?;
+        Ok(grants
+            .into_iter()
+            .filter(|g| include_inactive || (g.revoked_ms.is_none() && g.expires_ms > now))
+            .collect())
+    }
+
+    /// For roles that need grants: per token, `None` when a live grant for
+    /// this principal, purpose and one of the token's orders exists, else
+    /// the denial reason.
+    async fn grant_check(
+        &self,
+        principal: &Principal,
+        role: &RolePolicy,
+        purpose: &Purpose,
+        orders: &[Vec<TokenId>],
+    ) -> Result<Vec<Option<&'static str>>, VaultError> {
+        if !role.requires_grant() {
+            return Ok(vec![None; orders.len()]);
+        }
+        let all: BTreeSet<TokenId> = orders.iter().flatten().copied().collect();
+        let grants = if all.is_empty() {
+            Vec::new()
+        } else {
+            self.store
+                .grants(GrantFilter {
+                    principal: Some(principal.name.clone()),
+                    orders: all.into_iter().collect(),
+                })
+                .await?
+        };
+        let now = self.now();
+        Ok(orders
+            .iter()
+            .map(|token_orders| {
+                let relevant = grants.iter().filter(|g| {
+                    g.purpose == purpose.as_str() && token_orders.contains(&g.order_id)
+                });
+                let mut expired = false;
+                for g in relevant {
+                    if g.revoked_ms.is_some() {
+                        continue;
+                    }
+                    if g.expires_ms > now {
+                        return None;
+                    }
+                    expired = true;
+                }
+                Some(if expired {
+                    reason::GRANT_EXPIRED
+                } else {
+                    reason::NO_GRANT
+                })
+            })
+            .collect())
+    }
+
+    /// Applies rate and daily caps and the bulk detector to one reveal of
+    /// `records`. On success returns the reveal-day rows and alerts to store
+    /// with the reveal's audit events.
+    async fn check_quotas(
+        &self,
+        principal: &Principal,
+        limits: &Limits,
+        records: &[TokenId],
+    ) -> Result<(Vec<(String, i64, TokenId)>, Vec<AlertRecord>), QuotaExceeded> {
+        let now = self.now();
+        let name = &principal.name;
+        let mut q = self.quotas.lock().await;
+        let alert_once = |q: &mut Quotas, kind: &'static str, window_ms: i64, detail: String| {
+            let key = (name.clone(), kind);
+            let due = q
+                .alerted
+                .get(&key)
+                .is_none_or(|last| now - *last >= window_ms);
+            due.then(|| {
+                q.alerted.insert(key, now);
+                self.alert(kind, name, "", detail)
+            })
+        };
+        let mut days = Vec::new();
+        if let Some(cap) = limits.daily_distinct_orders {
+            let today = guard::day_of(now);
+            let stale = q.days.get(name).is_none_or(|d| d.day != today);
+            if stale {
+                // First reveal today (or since a restart): what was already
+                // revealed today is in the store.
+                let seen =
+                    self.store
+                        .revealed_on_day(name, today)
+                        .await
+                        .map_err(|e| QuotaExceeded {
+                            error: e.into(),
+                            what: "storage".into(),
+                            alert: None,
+                        })?;
+                q.days.insert(
+                    name.clone(),
+                    DayOrders {
+                        day: today,
+                        orders: seen.into_iter().collect(),
+                    },
+                );
+            }
+            let Some(day) = q.days.get_mut(name) else {
+                return Err(QuotaExceeded {
+                    error: VaultError::Internal("quota state missing".into()),
+                    what: "internal".into(),
+                    alert: None,
+                });
+            };
+            let fresh: BTreeSet<TokenId> = records
+                .iter()
+                .filter(|r| !day.orders.contains(*r))
+                .copied()
+                .collect();
+            let total = day.orders.len() as u64 + fresh.len() as u64;
+            if total > cap {
+                let already = day.orders.len();
+                let until_midnight = (today + 1) * guard::DAY_MS - now;
+                let what = format!("daily_distinct_orders {cap}");
+                let alert = alert_once(
+                    &mut q,
+                    alert::QUOTA_EXCEEDED,
+                    guard::DAY_MS,
+                    format!(
+                        "daily cap of {cap} distinct orders reached ({already} revealed today, {} more asked)",
+                        fresh.len()
+                    ),
+                );
+                return Err(QuotaExceeded {
+                    error: VaultError::RateLimited {
+                        message: format!(
+                            "daily cap of {cap} distinct orders reached for principal {name:?} ({already} revealed today); retry after 00:00 UTC"
+                        ),
+                        retry_after_ms: until_midnight.max(0) as u64,
+                    },
+                    what,
+                    alert,
+                });
+            }
+            days = fresh
+                .into_iter()
+                .map(|r| (name.clone(), today, r))
+                .collect();
+        }
+        // The rate is checked after the daily cap, so requests the cap
+        // refuses do not drain the bucket.
+        if let Some(rate) = limits.rate {
+            let bucket = q
+                .buckets
+                .entry(name.clone())
+                .or_insert_with(|| Bucket::full(rate, now));
+            if let Err(wait) = bucket.take(rate, records.len() as u32, now) {
+                let what = format!("rate {rate}");
+                let alert = alert_once(
+                    &mut q,
+                    alert::QUOTA_EXCEEDED,
+                    rate.window_ms as i64,
+                    format!("reveal {what} exceeded"),
+                );
+                return Err(QuotaExceeded {
+                    error: VaultError::RateLimited {
+                        message: format!(
+                            "reveal rate of {rate} exceeded for principal {name:?}; retry in {} s",
+                            wait.div_ceil(1000).max(1)
+                        ),
+                        retry_after_ms: wait,
+                    },
+                    what,
+                    alert,
+                });
+            }
+        }
+        if let Some(day) = q.days.get_mut(name) {
+            day.orders.extend(days.iter().map(|(_, _, r)| *r));
+        }
+        let mut alerts = Vec::new();
+        let bulk = self.config.bulk;
+        let window = q.bulk.entry(name.clone()).or_default();
+        if let Some((count, baseline)) = window.record(bulk, now, records) {
+            alerts.push(self.alert(
+                alert::BULK_EXTRACTION,
+                name,
+                "",
+                format!(
+                    "{count} distinct orders revealed in the current {} s window, against a baseline of {baseline:.1} per window",
+                    bulk.window_ms / 1000
+                ),
+            ));
+        }
+        Ok((days, alerts))
+    }
+}
+
+/// A quota refusal: the error for the caller, what was hit (for the audit
+/// event) and the alert to store, if one is due.
+struct QuotaExceeded {
+    error: VaultError,
+    what: String,
+    alert: Option<AlertRecord>,
 }
 
 /// Decrypts a stored token; `None` on any failure (which is never detailed).

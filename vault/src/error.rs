@@ -21,9 +21,20 @@ pub enum VaultError {
     /// A token the caller named is not held by this vault.
     #[error("{0}")]
     NotFound(String),
+    /// The thing to create already exists (a principal name).
+    #[error("{0}")]
+    AlreadyExists(String),
     /// A quota or size limit was hit. The caller may retry later or smaller.
     #[error("{0}")]
     ResourceExhausted(String),
+    /// A rate or daily cap was hit; retry after the given time.
+    #[error("{message}")]
+    RateLimited {
+        /// What was hit, and when to retry.
+        message: String,
+        /// Milliseconds until a retry can succeed.
+        retry_after_ms: u64,
+    },
     /// The vault is not in a state to do this (for example a data key at its
     /// usage cap with automatic rotation off). An operator must act.
     #[error("{0}")]
@@ -49,7 +60,7 @@ impl From<crate::store::StoreError> for VaultError {
                 VaultError::Unavailable(format!("storage unavailable: {m}"))
             }
             StoreError::Corrupt(m) => VaultError::DataLoss(format!("stored data is corrupt: {m}")),
-            StoreError::Conflict(m) => VaultError::FailedPrecondition(m),
+            StoreError::Conflict(m) => VaultError::AlreadyExists(m),
         }
     }
 }

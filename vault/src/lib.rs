@@ -46,12 +46,16 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod bench;
+pub mod checkpoint;
 pub mod cli;
 pub mod crypto;
 pub mod engine;
 pub mod error;
+pub mod guard;
 pub mod keyring;
 pub mod kinds;
+pub mod merkle;
 pub mod policy;
 pub mod server;
 pub mod service;

@@ -54,6 +54,18 @@ pub enum Permission {
     Admin,
 }
 
+impl Permission {
+    /// Name used in policy files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Permission::Tokenize => "tokenize",
+            Permission::Grant => "grant",
+            Permission::Audit => "audit",
+            Permission::Admin => "admin",
+        }
+    }
+}
+
 /// A stated reason for a reveal: lowercase letters, digits and `_`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Purpose(String);
@@ -80,6 +92,53 @@ impl fmt::Display for Purpose {
     }
 }
 
+/// A rate limit: at most `count` reveals per `window_ms`, as a token bucket
+/// (the bucket holds `count` and refills continuously).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rate {
+    /// Reveals per window (the burst size).
+    pub count: u32,
+    /// The window in milliseconds.
+    pub window_ms: u64,
+}
+
+impl Rate {
+    /// Parses `"600/min"`, `"10/s"`, `"5000/h"` or `"20000/day"`.
+    pub fn parse(s: &str) -> Option<Rate> {
+        let (n, unit) = s.trim().split_once('/')?;
+        let count: u32 = n.trim().parse().ok().filter(|n| *n > 0)?;
+        let window_ms = match unit.trim() {
+            "s" | "sec" | "second" => 1_000,
+            "min" | "minute" => 60_000,
+            "h" | "hour" => 3_600_000,
+            "day" | "d" => 86_400_000,
+            _ => return None,
+        };
+        Some(Rate { count, window_ms })
+    }
+}
+
+impl fmt::Display for Rate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let unit = match self.window_ms {
+            1_000 => "s",
+            60_000 => "min",
+            3_600_000 => "h",
+            _ => "day",
+        };
+        write!(f, "{}/{unit}", self.count)
+    }
+}
+
+/// The reveal limits that apply to one principal.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// Reveal rate, if limited.
+    pub rate: Option<Rate>,
+    /// Distinct orders revealed per UTC day, if capped.
+    pub daily_distinct_orders: Option<u64>,
+}
+
 /// One role's rules.
 #[derive(Clone, Debug)]
 pub struct RolePolicy {
@@ -87,6 +146,8 @@ pub struct RolePolicy {
     permissions: BTreeSet<Permission>,
     purposes: BTreeSet<Purpose>,
     reveal: [Visibility; 8],
+    requires_grant: bool,
+    limits: Limits,
 }
 
 impl RolePolicy {
@@ -114,6 +175,21 @@ impl RolePolicy {
     pub fn purposes(&self) -> impl Iterator<Item = &Purpose> {
         self.purposes.iter()
     }
+
+    /// Whether the role may reveal an order's fields only under a live grant.
+    pub fn requires_grant(&self) -> bool {
+        self.requires_grant
+    }
+
+    /// The role's own limits (before per-principal overrides).
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Permissions of the role.
+    pub fn permissions(&self) -> impl Iterator<Item = &Permission> {
+        self.permissions.iter()
+    }
 }
 
 /// A validated policy.
@@ -122,6 +198,7 @@ pub struct Policy {
     roles: BTreeMap<String, RolePolicy>,
     purposes: BTreeSet<Purpose>,
     deterministic: [bool; 8],
+    overrides: BTreeMap<String, Limits>,
     hash: [u8; 32],
 }
 
@@ -152,6 +229,35 @@ struct PolicyFile {
     #[serde(default)]
     kinds: KindsSection,
     roles: BTreeMap<String, RoleFile>,
+    #[serde(default)]
+    principals: BTreeMap<String, LimitsFile>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct LimitsFile {
+    rate: Option<String>,
+    daily_distinct_orders: Option<u64>,
+}
+
+fn parse_limits(file: &LimitsFile, at: &str) -> Result<Limits, PolicyError> {
+    let rate = match &file.rate {
+        None => None,
+        Some(r) => Some(Rate::parse(r).ok_or_else(|| {
+            PolicyError::Invalid(format!(
+                "{at}.rate: {r:?} is not a rate like \"600/min\" (units s, min, h, day)"
+            ))
+        })?),
+    };
+    if file.daily_distinct_orders == Some(0) {
+        return Err(PolicyError::Invalid(format!(
+            "{at}.daily_distinct_orders: 0 would deny every reveal; use reveal = {{}} instead"
+        )));
+    }
+    Ok(Limits {
+        rate,
+        daily_distinct_orders: file.daily_distinct_orders,
+    })
 }
 
 #[derive(Deserialize, Default)]
@@ -170,6 +276,10 @@ struct RoleFile {
     purposes: Vec<String>,
     #[serde(default)]
     reveal: BTreeMap<String, Visibility>,
+    #[serde(default)]
+    requires_grant: bool,
+    #[serde(flatten)]
+    limits: LimitsFile,
 }
 
 fn parse_kind(name: &str, at: &str) -> Result<FieldKind, PolicyError> {
@@ -222,6 +332,7 @@ impl Policy {
                 let kind = parse_kind(kind, &format!("roles.{name}.reveal"))?;
                 reveal[usize::from(kind.code() - 1)] = *vis;
             }
+            let limits = parse_limits(&role.limits, &format!("roles.{name}"))?;
             roles.insert(
                 name.clone(),
                 RolePolicy {
@@ -229,13 +340,23 @@ impl Policy {
                     permissions: role.permissions.into_iter().collect(),
                     purposes: role_purposes,
                     reveal,
+                    requires_grant: role.requires_grant,
+                    limits,
                 },
+            );
+        }
+        let mut overrides = BTreeMap::new();
+        for (name, file) in &file.principals {
+            overrides.insert(
+                name.clone(),
+                parse_limits(file, &format!("principals.{name}"))?,
             );
         }
         Ok(Policy {
             roles,
             purposes,
             deterministic,
+            overrides,
             hash: crypto::sha256(text.as_bytes()),
         })
     }
@@ -257,6 +378,19 @@ impl Policy {
     /// All roles, by name.
     pub fn roles(&self) -> impl Iterator<Item = &RolePolicy> {
         self.roles.values()
+    }
+
+    /// The limits for `principal` in `role`: the role's, with the
+    /// principal's overrides on top.
+    pub fn limits(&self, principal: &str, role: &RolePolicy) -> Limits {
+        let base = role.limits;
+        match self.overrides.get(principal) {
+            None => base,
+            Some(o) => Limits {
+                rate: o.rate.or(base.rate),
+                daily_distinct_orders: o.daily_distinct_orders.or(base.daily_distinct_orders),
+            },
+        }
     }
 
     /// Whether `kind` gets deterministic tokens.
@@ -352,6 +486,52 @@ mod tests {
             let err = Policy::parse(text).expect_err(text).to_string();
             assert!(err.contains(needle), "{text:?}: {err}");
         }
+    }
+
+    #[test]
+    fn limits_parse_and_principal_overrides_win() {
+        let text = r#"
+            [purposes]
+            delivery = ""
+            [roles.courier]
+            purposes = ["delivery"]
+            requires_grant = true
+            rate = "600/min"
+            daily_distinct_orders = 2000
+            [principals.courier-7]
+            daily_distinct_orders = 50
+        "#;
+        let p = Policy::parse(text).expect("valid");
+        let role = p.role("courier").expect("courier");
+        assert!(role.requires_grant());
+        assert_eq!(
+            p.limits("courier-1", role),
+            Limits {
+                rate: Some(Rate {
+                    count: 600,
+                    window_ms: 60_000
+                }),
+                daily_distinct_orders: Some(2000)
+            }
+        );
+        assert_eq!(p.limits("courier-7", role).daily_distinct_orders, Some(50));
+        assert_eq!(
+            p.limits("courier-7", role).rate,
+            Some(Rate {
+                count: 600,
+                window_ms: 60_000
+            })
+        );
+        for bad in ["600", "0/min", "10/week", "x/s"] {
+            assert!(Rate::parse(bad).is_none(), "{bad}");
+        }
+        let bad = text.replace("\"600/min\"", "\"600 per minute\"");
+        assert!(
+            Policy::parse(&bad)
+                .expect_err("bad rate")
+                .to_string()
+                .contains("roles.courier.rate")
+        );
     }
 
     #[test]

@@ -25,7 +25,19 @@ pub fn status(e: VaultError) -> Status {
         VaultError::Unauthenticated(m) => Status::unauthenticated(m),
         VaultError::PermissionDenied(m) => Status::permission_denied(m),
         VaultError::NotFound(m) => Status::not_found(m),
+        VaultError::AlreadyExists(m) => Status::already_exists(m),
         VaultError::ResourceExhausted(m) => Status::resource_exhausted(m),
+        VaultError::RateLimited {
+            message,
+            retry_after_ms,
+        } => {
+            let mut st = Status::resource_exhausted(message);
+            let secs = retry_after_ms.div_ceil(1000).max(1);
+            if let Ok(v) = secs.to_string().parse() {
+                st.metadata_mut().insert("retry-after", v);
+            }
+            st
+        }
         VaultError::FailedPrecondition(m) => Status::failed_precondition(m),
         VaultError::DataLoss(m) => Status::data_loss(m),
         VaultError::Unavailable(m) => Status::unavailable(m),
@@ -41,7 +53,7 @@ pub fn authenticate<T>(engine: &Engine, req: &Request<T>) -> Result<Principal, S
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    let peer = req.remote_addr().map(|a| a.ip().to_string());
+    let peer = req.remote_addr().map(|a| a.ip());
     engine.authenticate(presented, peer).map_err(status)
 }
 
@@ -146,6 +158,27 @@ fn order_input(order: Option<v1::Order>) -> Result<OrderInput, VaultError> {
     })
 }
 
+/// A protobuf timestamp from Unix milliseconds.
+pub fn timestamp(ms: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+    }
+}
+
+fn grant_info(g: &crate::store::GrantRecord) -> v1::GrantInfo {
+    v1::GrantInfo {
+        grant_id: crate::engine::grant_id_string(&g.id),
+        principal: g.principal.clone(),
+        order_token: Token::from_parts(crate::token::TokenClass::Order, g.order_id).to_string(),
+        purpose: g.purpose.clone(),
+        expires_at: Some(timestamp(g.expires_ms)),
+        granted_by: g.granted_by.clone(),
+        created_at: Some(timestamp(g.created_ms)),
+        revoked_at: g.revoked_ms.map(timestamp),
+    }
+}
+
 fn opt(t: &Option<Token>) -> String {
     t.map(|t| t.to_string()).unwrap_or_default()
 }
@@ -235,23 +268,62 @@ impl TokenService for TokenApi {
 
     async fn grant(
         &self,
-        _req: Request<v1::GrantRequest>,
+        req: Request<v1::GrantRequest>,
     ) -> Result<Response<v1::GrantResponse>, Status> {
-        Err(Status::unimplemented("grants are not available yet"))
+        let principal = authenticate(&self.engine, &req)?;
+        let m = req.into_inner();
+        let g = self
+            .engine
+            .grant(
+                &principal,
+                &m.principal,
+                &m.order_token,
+                &m.purpose,
+                m.ttl_seconds,
+            )
+            .await
+            .map_err(status)?;
+        Ok(Response::new(v1::GrantResponse {
+            grant: Some(grant_info(&g)),
+        }))
     }
 
     async fn revoke(
         &self,
-        _req: Request<v1::RevokeRequest>,
+        req: Request<v1::RevokeRequest>,
     ) -> Result<Response<v1::RevokeResponse>, Status> {
-        Err(Status::unimplemented("grants are not available yet"))
+        let principal = authenticate(&self.engine, &req)?;
+        let m = req.into_inner();
+        let g = self
+            .engine
+            .revoke_grant(&principal, &m.grant_id)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(v1::RevokeResponse {
+            grant: Some(grant_info(&g)),
+        }))
     }
 
     async fn list_grants(
         &self,
-        _req: Request<v1::ListGrantsRequest>,
+        req: Request<v1::ListGrantsRequest>,
     ) -> Result<Response<v1::ListGrantsResponse>, Status> {
-        Err(Status::unimplemented("grants are not available yet"))
+        let principal = authenticate(&self.engine, &req)?;
+        let m = req.into_inner();
+        let nonempty = |s: &str| (!s.is_empty()).then_some(s.to_owned());
+        let grants = self
+            .engine
+            .list_grants(
+                &principal,
+                nonempty(&m.order_token).as_deref(),
+                nonempty(&m.principal).as_deref(),
+                m.include_inactive,
+            )
+            .await
+            .map_err(status)?;
+        Ok(Response::new(v1::ListGrantsResponse {
+            grants: grants.iter().map(grant_info).collect(),
+        }))
     }
 
     async fn reveal(

@@ -83,6 +83,53 @@ pub struct OrderRecord {
     pub fields: Vec<usize>,
 }
 
+/// "Principal P may reveal order O for purpose X until time T."
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GrantRecord {
+    /// Random id.
+    pub id: [u8; 16],
+    /// Who may reveal.
+    pub principal: String,
+    /// The order token's storage key.
+    pub order_id: TokenId,
+    /// For which purpose.
+    pub purpose: String,
+    /// Until when, Unix milliseconds.
+    pub expires_ms: i64,
+    /// Who granted it.
+    pub granted_by: String,
+    /// When, Unix milliseconds.
+    pub created_ms: i64,
+    /// When revoked, if it was.
+    pub revoked_ms: Option<i64>,
+}
+
+/// Which grants to list.
+#[derive(Clone, Debug, Default)]
+pub struct GrantFilter {
+    /// Only this principal's.
+    pub principal: Option<String>,
+    /// Only these orders' (empty: any order).
+    pub orders: Vec<TokenId>,
+}
+
+/// A stored alert. Never contains a value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AlertRecord {
+    /// Sequence id (assigned by the store; 0 when new).
+    pub id: u64,
+    /// When raised, Unix milliseconds.
+    pub at_ms: i64,
+    /// `quota_exceeded`, `auth_throttled`, `bulk_extraction`.
+    pub kind: String,
+    /// The principal concerned, if any.
+    pub principal: String,
+    /// The peer address concerned, if any.
+    pub peer: String,
+    /// Human-readable detail: counts and limits only.
+    pub detail: String,
+}
+
 /// Everything one request writes, applied atomically.
 #[derive(Debug, Default)]
 pub struct WriteBatch {
@@ -100,6 +147,16 @@ pub struct WriteBatch {
     pub tokens: Vec<TokenRecord>,
     /// Orders to insert.
     pub orders: Vec<OrderRecord>,
+    /// Grants to insert.
+    pub grants: Vec<GrantRecord>,
+    /// Grants to revoke: (id, when).
+    pub grant_revocations: Vec<([u8; 16], i64)>,
+    /// Principals to revoke: (name, when).
+    pub principal_revocations: Vec<(String, i64)>,
+    /// Distinct orders revealed: (principal, UTC day number, order or token id).
+    pub reveal_days: Vec<(String, i64, TokenId)>,
+    /// Alerts to store.
+    pub alerts: Vec<AlertRecord>,
     /// The audit chain (node id) the events are appended to.
     pub audit_chain: String,
     /// Audit events to append, in order.
@@ -159,4 +216,16 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<StoredEvent>, StoreError>;
     /// Number of stored tokens.
     async fn token_count(&self) -> Result<u64, StoreError>;
+    /// For each token, the orders it belongs to.
+    async fn orders_of_tokens(&self, ids: Vec<TokenId>) -> Result<Vec<Vec<TokenId>>, StoreError>;
+    /// Whether an order token is held.
+    async fn order_exists(&self, id: TokenId) -> Result<bool, StoreError>;
+    /// Grants matching a filter, newest first.
+    async fn grants(&self, filter: GrantFilter) -> Result<Vec<GrantRecord>, StoreError>;
+    /// One grant by id.
+    async fn grant(&self, id: [u8; 16]) -> Result<Option<GrantRecord>, StoreError>;
+    /// Orders (or bare tokens) a principal revealed on a UTC day.
+    async fn revealed_on_day(&self, principal: &str, day: i64) -> Result<Vec<TokenId>, StoreError>;
+    /// Alerts raised at or after `since_ms`, oldest first.
+    async fn alerts(&self, since_ms: i64, limit: usize) -> Result<Vec<AlertRecord>, StoreError>;
 }

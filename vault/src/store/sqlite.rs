@@ -17,14 +17,16 @@ use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use super::{
-    Committed, PrincipalRecord, Store, StoreError, StoredKey, TokenId, TokenRecord, WriteBatch,
+    AlertRecord, Committed, GrantFilter, GrantRecord, PrincipalRecord, Store, StoreError,
+    StoredKey, TokenId, TokenRecord, WriteBatch,
 };
 use crate::audit::{self, StoredEvent};
 use crate::kinds::FieldKind;
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how
 /// many have run.
-const MIGRATIONS: &[&str] = &[r"
+const MIGRATIONS: &[&str] = &[
+    r"
 CREATE TABLE meta (
     key   TEXT PRIMARY KEY,
     value BLOB NOT NULL
@@ -84,7 +86,38 @@ CREATE TABLE audit_events (
 );
 CREATE INDEX audit_by_principal ON audit_events (principal, ts_ms);
 CREATE INDEX audit_by_token ON audit_events (token) WHERE token IS NOT NULL;
-"];
+",
+    r"
+CREATE TABLE grants (
+    id         BLOB PRIMARY KEY,
+    principal  TEXT NOT NULL,
+    order_id   BLOB NOT NULL,
+    purpose    TEXT NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    granted_by TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    revoked_ms INTEGER
+) WITHOUT ROWID;
+CREATE INDEX grants_by_principal ON grants (principal, order_id);
+CREATE INDEX grants_by_order ON grants (order_id);
+-- Distinct orders each principal revealed per UTC day: daily caps survive restarts.
+CREATE TABLE reveal_days (
+    principal TEXT NOT NULL,
+    day       INTEGER NOT NULL,
+    order_id  BLOB NOT NULL,
+    PRIMARY KEY (principal, day, order_id)
+) WITHOUT ROWID;
+CREATE TABLE alerts (
+    id        INTEGER PRIMARY KEY,
+    at_ms     INTEGER NOT NULL,
+    kind      TEXT NOT NULL,
+    principal TEXT NOT NULL,
+    peer      TEXT NOT NULL,
+    detail    TEXT NOT NULL
+);
+CREATE INDEX alerts_by_time ON alerts (at_ms);
+",
+];
 
 /// Most batches gathered into one transaction.
 const MAX_GROUP: usize = 1024;
@@ -128,6 +161,10 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
     // survives power loss, not just a process crash.
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.set_prepared_statement_cache_capacity(64);
+    // 64 MiB of page cache per connection (negative = KiB): index pages of
+    // a large vault stay in memory instead of being re-read from the OS.
+    conn.pragma_update(None, "cache_size", -65_536)?;
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
     Ok(())
 }
 
@@ -395,6 +432,111 @@ impl Store for SqliteStore {
             .await
             .map(|n| n as u64)
     }
+
+    async fn orders_of_tokens(&self, ids: Vec<TokenId>) -> Result<Vec<Vec<TokenId>>, StoreError> {
+        self.read(move |c| {
+            let mut st =
+                c.prepare_cached("SELECT order_id FROM order_fields WHERE token_id = ?1")?;
+            ids.iter()
+                .map(|id| st.query_map([&id[..]], |r| r.get(0))?.collect())
+                .collect()
+        })
+        .await
+    }
+
+    async fn order_exists(&self, id: TokenId) -> Result<bool, StoreError> {
+        self.read(move |c| {
+            c.prepare_cached("SELECT 1 FROM orders WHERE id = ?1")?
+                .query_row([&id[..]], |_| Ok(()))
+                .optional()
+                .map(|o| o.is_some())
+        })
+        .await
+    }
+
+    async fn grants(&self, filter: GrantFilter) -> Result<Vec<GrantRecord>, StoreError> {
+        self.read(move |c| {
+            let mut out = Vec::new();
+            let principal = filter.principal.clone();
+            if filter.orders.is_empty() {
+                let mut st = c.prepare_cached(&format!(
+                    "{GRANT_SELECT} WHERE principal = ?1 ORDER BY created_ms DESC"
+                ))?;
+                out.extend(
+                    st.query_map([principal.unwrap_or_default()], grant_row)?
+                        .collect::<Result<Vec<_>, _>>()?,
+                );
+            } else {
+                let mut st = c.prepare_cached(&format!(
+                    "{GRANT_SELECT} WHERE order_id = ?1 ORDER BY created_ms DESC"
+                ))?;
+                for o in &filter.orders {
+                    for g in st.query_map([&o[..]], grant_row)? {
+                        let g = g?;
+                        if principal.as_ref().is_none_or(|p| *p == g.principal) {
+                            out.push(g);
+                        }
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn grant(&self, id: [u8; 16]) -> Result<Option<GrantRecord>, StoreError> {
+        self.read(move |c| {
+            c.prepare_cached(&format!("{GRANT_SELECT} WHERE id = ?1"))?
+                .query_row([&id[..]], grant_row)
+                .optional()
+        })
+        .await
+    }
+
+    async fn revealed_on_day(&self, principal: &str, day: i64) -> Result<Vec<TokenId>, StoreError> {
+        let principal = principal.to_owned();
+        self.read(move |c| {
+            c.prepare_cached("SELECT order_id FROM reveal_days WHERE principal = ?1 AND day = ?2")?
+                .query_map(params![principal, day], |r| r.get(0))?
+                .collect()
+        })
+        .await
+    }
+
+    async fn alerts(&self, since_ms: i64, limit: usize) -> Result<Vec<AlertRecord>, StoreError> {
+        self.read(move |c| {
+            c.prepare_cached(
+                "SELECT id, at_ms, kind, principal, peer, detail FROM alerts WHERE at_ms >= ?1 ORDER BY id LIMIT ?2",
+            )?
+            .query_map(params![since_ms, limit as i64], |r| {
+                Ok(AlertRecord {
+                    id: r.get::<_, i64>(0)? as u64,
+                    at_ms: r.get(1)?,
+                    kind: r.get(2)?,
+                    principal: r.get(3)?,
+                    peer: r.get(4)?,
+                    detail: r.get(5)?,
+                })
+            })?
+            .collect()
+        })
+        .await
+    }
+}
+
+const GRANT_SELECT: &str = "SELECT id, principal, order_id, purpose, expires_ms, granted_by, created_ms, revoked_ms FROM grants";
+
+fn grant_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<GrantRecord> {
+    Ok(GrantRecord {
+        id: r.get(0)?,
+        principal: r.get(1)?,
+        order_id: r.get(2)?,
+        purpose: r.get(3)?,
+        expires_ms: r.get(4)?,
+        granted_by: r.get(5)?,
+        created_ms: r.get(6)?,
+        revoked_ms: r.get(7)?,
+    })
 }
 
 /// Per-chain position: the next sequence number and the chain hash so far.
@@ -458,52 +600,61 @@ impl Writer {
         Ok(head)
     }
 
+    /// Commits a group of jobs in one transaction and one fsync. The fast
+    /// path applies them all without savepoints (a savepoint makes SQLite
+    /// copy every touched page to a sub-journal); if any job fails, the
+    /// group is rolled back and each job is retried in its own
+    /// transaction, so one bad batch cannot fail the others.
     fn commit_group(&mut self, jobs: Vec<Job>) {
-        let mut results: Vec<Result<Committed, StoreError>> = Vec::with_capacity(jobs.len());
-        let begun = self.conn.execute_batch("BEGIN IMMEDIATE");
-        if let Err(e) = begun {
-            let msg = e.to_string();
-            for job in jobs {
-                let _ = job.reply.send(Err(StoreError::Unavailable(msg.clone())));
-            }
-            return;
-        }
-        for job in &jobs {
-            let saved = self.heads.clone();
-            let applied = self
-                .conn
-                .execute_batch("SAVEPOINT job")
-                .and_then(|()| self.apply(&job.batch));
-            match applied {
-                Ok(c) => {
-                    results.push(
-                        self.conn
-                            .execute_batch("RELEASE job")
-                            .map(|()| c)
-                            .map_err(unavailable),
-                    );
+        if jobs.len() > 1 {
+            match self.try_group(&jobs) {
+                Ok(results) => {
+                    for (job, result) in jobs.into_iter().zip(results) {
+                        let _ = job.reply.send(Ok(result));
+                    }
+                    return;
                 }
-                Err(e) => {
-                    let _ = self.conn.execute_batch("ROLLBACK TO job; RELEASE job");
-                    self.heads = saved;
-                    results.push(Err(unavailable(e)));
+                Err(_) => {
+                    // Fall through: isolate the failing job.
                 }
             }
         }
-        if let Err(e) = self.conn.execute_batch("COMMIT") {
-            let _ = self.conn.execute_batch("ROLLBACK");
-            // Nothing of the group is durable: forget cached heads so they
-            // are re-read from what actually is.
-            self.heads.clear();
-            let msg = e.to_string();
-            for job in jobs {
-                let _ = job.reply.send(Err(StoreError::Unavailable(msg.clone())));
-            }
-            return;
-        }
-        for (job, result) in jobs.into_iter().zip(results) {
+        for job in jobs {
+            let result = self
+                .try_group(std::slice::from_ref(&job))
+                .map(|mut r| r.remove(0));
             let _ = job.reply.send(result);
         }
+    }
+
+    /// Applies `jobs` in one transaction; all or none are durable.
+    fn try_group(&mut self, jobs: &[Job]) -> Result<Vec<Committed>, StoreError> {
+        let saved = self.heads.clone();
+        let outcome = (|| -> Result<Vec<Committed>, StoreError> {
+            self.conn
+                .execute_batch("BEGIN IMMEDIATE")
+                .map_err(unavailable)?;
+            let mut results = Vec::with_capacity(jobs.len());
+            for job in jobs {
+                match self.apply(&job.batch) {
+                    Ok(c) => results.push(c),
+                    Err(e) => {
+                        let _ = self.conn.execute_batch("ROLLBACK");
+                        return Err(unavailable(e));
+                    }
+                }
+            }
+            if let Err(e) = self.conn.execute_batch("COMMIT") {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                return Err(unavailable(e));
+            }
+            Ok(results)
+        })();
+        if outcome.is_err() {
+            // Nothing of the group is durable: forget the heads it advanced.
+            self.heads = saved;
+        }
+        outcome
     }
 
     fn apply(&mut self, b: &WriteBatch) -> rusqlite::Result<Committed> {
@@ -597,6 +748,47 @@ impl Writer {
                     )?
                     .execute(params![&o.id[..], &token[..]])?;
             }
+        }
+        for g in &b.grants {
+            self.conn
+                .prepare_cached(
+                    "INSERT INTO grants (id, principal, order_id, purpose, expires_ms, granted_by, created_ms, revoked_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                )?
+                .execute(params![
+                    &g.id[..],
+                    g.principal,
+                    &g.order_id[..],
+                    g.purpose,
+                    g.expires_ms,
+                    g.granted_by,
+                    g.created_ms,
+                    g.revoked_ms
+                ])?;
+        }
+        for (id, at) in &b.grant_revocations {
+            self.conn
+                .prepare_cached(
+                    "UPDATE grants SET revoked_ms = ?2 WHERE id = ?1 AND revoked_ms IS NULL",
+                )?
+                .execute(params![&id[..], at])?;
+        }
+        for (name, at) in &b.principal_revocations {
+            self.conn
+                .prepare_cached(
+                    "UPDATE principals SET revoked_ms = ?2 WHERE name = ?1 AND revoked_ms IS NULL",
+                )?
+                .execute(params![name, at])?;
+        }
+        for (principal, day, order) in &b.reveal_days {
+            self.conn
+                .prepare_cached("INSERT OR IGNORE INTO reveal_days (principal, day, order_id) VALUES (?1, ?2, ?3)")?
+                .execute(params![principal, day, &order[..]])?;
+        }
+        for a in &b.alerts {
+            self.conn
+                .prepare_cached("INSERT INTO alerts (at_ms, kind, principal, peer, detail) VALUES (?1, ?2, ?3, ?4, ?5)")?
+                .execute(params![a.at_ms, a.kind, a.principal, a.peer, a.detail])?;
         }
         let chain = b.audit_chain.as_str();
         for event in &b.audit {
