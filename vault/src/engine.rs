@@ -327,24 +327,31 @@ pub struct TokenizedOrder {
 }
 
 #[derive(Clone)]
-struct PrincipalEntry {
-    principal: Principal,
-    key_hash: [u8; 32],
-    revoked: bool,
+pub(crate) struct PrincipalEntry {
+    pub(crate) principal: Principal,
+    pub(crate) key_hash: [u8; 32],
+    pub(crate) revoked: bool,
 }
 
 /// The vault engine. Shared by all requests behind an `Arc`.
+///
+/// Fields are crate-visible so that the admin and audit operations can live
+/// in their own modules (`admin`, `auditor`) as further `impl Engine` blocks.
 pub struct Engine {
-    store: Arc<dyn Store>,
-    keyring: RwLock<Arc<Keyring>>,
-    policy: RwLock<Arc<Policy>>,
-    principals: RwLock<Arc<HashMap<[u8; 32], PrincipalEntry>>>,
-    reserve_lock: tokio::sync::Mutex<()>,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) keyring: RwLock<Arc<Keyring>>,
+    /// The key-encryption key (derived from the master key): wraps new data
+    /// keys on rotation. Wiped on drop.
+    pub(crate) kek: SecretKey,
+    pub(crate) policy: RwLock<Arc<Policy>>,
+    pub(crate) principals: RwLock<Arc<HashMap<[u8; 32], PrincipalEntry>>>,
+    pub(crate) reserve_lock: tokio::sync::Mutex<()>,
     quotas: tokio::sync::Mutex<Quotas>,
     throttle: Mutex<AuthThrottle>,
     alert_counts: Mutex<BTreeMap<&'static str, u64>>,
-    clock: Arc<dyn Clock>,
-    config: EngineConfig,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) config: EngineConfig,
+    pub(crate) started_ms: i64,
 }
 
 impl std::fmt::Debug for Engine {
@@ -355,11 +362,11 @@ impl std::fmt::Debug for Engine {
     }
 }
 
-fn request_id() -> String {
+pub(crate) fn request_id() -> String {
     hex::encode(crypto::random_bytes::<8>())
 }
 
-fn read<T: ?Sized>(lock: &RwLock<Arc<T>>) -> Arc<T> {
+pub(crate) fn read<T: ?Sized>(lock: &RwLock<Arc<T>>) -> Arc<T> {
     match lock.read() {
         Ok(g) => g.clone(),
         // A panic while holding the lock cannot leave the Arc half-written.
@@ -388,9 +395,11 @@ impl Engine {
         let keys = store.key_versions().await?;
         let keyring = Keyring::load(master, &keys, &root, &BTreeMap::new())
             .map_err(|e| VaultError::FailedPrecondition(e.to_string()))?;
+        let started_ms = clock.now_ms();
         let engine = Engine {
             store,
             keyring: RwLock::new(Arc::new(keyring)),
+            kek: keyring::kek(master),
             policy: RwLock::new(Arc::new(policy)),
             principals: RwLock::new(Arc::new(HashMap::new())),
             reserve_lock: tokio::sync::Mutex::new(()),
@@ -399,6 +408,7 @@ impl Engine {
             alert_counts: Mutex::new(BTreeMap::new()),
             clock,
             config,
+            started_ms,
         };
         engine.reload_principals().await?;
         Ok(engine)
@@ -444,11 +454,11 @@ impl Engine {
         &self.config.chain
     }
 
-    fn now(&self) -> i64 {
+    pub(crate) fn now(&self) -> i64 {
         self.clock.now_ms()
     }
 
-    fn event(
+    pub(crate) fn event(
         &self,
         p: &Principal,
         action: Action,
@@ -461,7 +471,7 @@ impl Engine {
         AuditEvent::new(self.now(), &p.name, &p.role, action, decision, rid, &hash)
     }
 
-    async fn append_audit(&self, events: Vec<AuditEvent>) -> Result<(), VaultError> {
+    pub(crate) async fn append_audit(&self, events: Vec<AuditEvent>) -> Result<(), VaultError> {
         self.store
             .commit(WriteBatch {
                 audit_chain: self.config.chain.clone(),
@@ -609,7 +619,7 @@ impl Engine {
             .unwrap_or_default()
     }
 
-    fn role<'p>(&self, policy: &'p Policy, p: &Principal) -> Result<&'p RolePolicy, VaultError> {
+    pub(crate) fn role<'p>(&self, policy: &'p Policy, p: &Principal) -> Result<&'p RolePolicy, VaultError> {
         policy.role(&p.role).ok_or_else(|| {
             VaultError::PermissionDenied(format!(
                 "role {:?} is not defined in the policy in force",
@@ -1072,7 +1082,7 @@ impl Engine {
         Ok(out)
     }
 
-    fn require(
+    pub(crate) fn require(
         &self,
         policy: &Policy,
         principal: &Principal,
@@ -1095,7 +1105,7 @@ impl Engine {
     }
 
     /// Audits an admin action by `actor` (allowed or denied) durably.
-    async fn audit_admin(
+    pub(crate) async fn audit_admin(
         &self,
         actor: &Principal,
         decision: Decision,
@@ -1608,7 +1618,7 @@ struct QuotaExceeded {
 }
 
 /// Decrypts a stored token; `None` on any failure (which is never detailed).
-fn open(keyring: &Keyring, row: &TokenRecord) -> Option<Zeroizing<String>> {
+pub(crate) fn open(keyring: &Keyring, row: &TokenRecord) -> Option<Zeroizing<String>> {
     let (version, _) = crypto::envelope_header(&row.ciphertext).ok()?;
     if version != row.key_version {
         return None;
