@@ -5,6 +5,8 @@
 
 #![allow(missing_docs, clippy::unwrap_used)]
 
+mod admin;
+mod audit;
 mod bad_input;
 mod binary;
 mod flow;

@@ -1,4 +1,6 @@
-//! The `ordervault` command line: `serve`, `init` and `audit verify`.
+//! The `ordervault` command line: `serve`, `init` and `audit verify`; the
+//! operator's `keys`, `principals`, `policy`, `status` and `completions` live
+//! in [`crate::cli_admin`].
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -36,9 +38,22 @@ pub enum Command {
     Init(DataArgs),
     /// Inspect the audit log.
     #[command(subcommand)]
-    Audit(AuditCommand),
+    Audit(crate::cli_audit::AuditCommand),
     /// Measure throughput and latency against a vault it starts itself.
     Bench(crate::bench::BenchArgs),
+    /// Data keys: list, rotate, rewrap, retire; rotate the master key (offline).
+    #[command(subcommand)]
+    Keys(crate::cli_admin::KeysCommand),
+    /// API principals: create (prints the key once), list, revoke.
+    #[command(subcommand)]
+    Principals(crate::cli_admin::PrincipalsCommand),
+    /// The role policy: check a file offline, or make the server reload its own.
+    #[command(subcommand)]
+    Policy(crate::cli_admin::PolicyCommand),
+    /// The running vault: version, storage, key versions, tokens, audit head, uptime, policy.
+    Status(crate::cli_admin::Remote),
+    /// Print shell completions (bash, zsh, fish, ...) to stdout.
+    Completions(crate::cli_admin::CompletionsArgs),
 }
 
 /// Where the vault's data lives.
@@ -72,14 +87,6 @@ pub struct ServeArgs {
     /// Seconds to let in-flight requests finish after SIGINT/SIGTERM.
     #[arg(long, default_value_t = 10)]
     pub drain_seconds: u64,
-}
-
-/// `audit` subcommands.
-#[derive(Debug, Subcommand)]
-pub enum AuditCommand {
-    /// Verify the audit log in a data directory, offline: every event's
-    /// encoding, its indexed copies and the hash chain. Names the first bad event.
-    Verify(DataArgs),
 }
 
 /// A failure of a command, with its exit code.
@@ -127,8 +134,13 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             );
             Ok(())
         }
-        Command::Audit(AuditCommand::Verify(args)) => verify(args).await,
+        Command::Audit(cmd) => crate::cli_audit::run(cmd).await,
         Command::Bench(args) => crate::bench::run(args).await,
+        Command::Keys(cmd) => crate::cli_admin::keys(cmd).await,
+        Command::Principals(cmd) => crate::cli_admin::principals(cmd).await,
+        Command::Policy(cmd) => crate::cli_admin::policy(cmd).await,
+        Command::Status(remote) => crate::cli_admin::status(remote).await,
+        Command::Completions(args) => crate::cli_admin::completions(args),
     }
 }
 
@@ -232,7 +244,9 @@ async fn shutdown_signal() {
     }
 }
 
-async fn verify(args: DataArgs) -> Result<(), Failure> {
+/// Verifies the audit chain stored in a data directory, offline: every
+/// event's encoding, its indexed copies and the hash chain.
+pub async fn verify_data_dir(args: DataArgs) -> Result<(), Failure> {
     let layout = Layout::new(&args.data_dir);
     if setup::dir_state(&layout)? != DirState::Initialised {
         return Err(SetupError::NotInitialised {

@@ -153,6 +153,12 @@ pub struct EngineConfig {
     pub auth_throttle: AuthThrottleConfig,
     /// Bulk-extraction detection.
     pub bulk: BulkConfig,
+    /// Rotate the data key by itself when an AES-GCM key nears its cap;
+    /// when off, encryptions past the cap are refused.
+    pub auto_rotate: bool,
+    /// The policy file `ReloadPolicy` re-reads (`setup::open` sets it to the
+    /// data directory's `policy.toml` when not given).
+    pub policy_path: Option<std::path::PathBuf>,
 }
 
 impl Default for EngineConfig {
@@ -162,6 +168,8 @@ impl Default for EngineConfig {
             encryption_cap: DEFAULT_ENCRYPTION_CAP,
             auth_throttle: AuthThrottleConfig::default(),
             bulk: BulkConfig::default(),
+            auto_rotate: true,
+            policy_path: None,
         }
     }
 }
@@ -346,12 +354,20 @@ pub struct Engine {
     pub(crate) policy: RwLock<Arc<Policy>>,
     pub(crate) principals: RwLock<Arc<HashMap<[u8; 32], PrincipalEntry>>>,
     pub(crate) reserve_lock: tokio::sync::Mutex<()>,
+    /// Held (shared) by every tokenize and reveal, (exclusively) by key
+    /// retirement: a request that read a row under a version finishes before
+    /// that version can leave the keyring. See `admin`.
+    pub(crate) key_gate: tokio::sync::RwLock<()>,
+    /// Serialises key rotations and retirements.
+    pub(crate) key_admin: tokio::sync::Mutex<()>,
     quotas: tokio::sync::Mutex<Quotas>,
     throttle: Mutex<AuthThrottle>,
     alert_counts: Mutex<BTreeMap<&'static str, u64>>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) config: EngineConfig,
     pub(crate) started_ms: i64,
+    /// This node's Merkle tree and checkpoint signer, loaded on first use.
+    pub(crate) log: tokio::sync::Mutex<Option<crate::auditor::LogState>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -403,12 +419,15 @@ impl Engine {
             policy: RwLock::new(Arc::new(policy)),
             principals: RwLock::new(Arc::new(HashMap::new())),
             reserve_lock: tokio::sync::Mutex::new(()),
+            key_gate: tokio::sync::RwLock::new(()),
+            key_admin: tokio::sync::Mutex::new(()),
             quotas: tokio::sync::Mutex::new(Quotas::default()),
             throttle: Mutex::new(AuthThrottle::default()),
             alert_counts: Mutex::new(BTreeMap::new()),
             clock,
             config,
             started_ms,
+            log: tokio::sync::Mutex::new(None),
         };
         engine.reload_principals().await?;
         Ok(engine)
@@ -619,7 +638,11 @@ impl Engine {
             .unwrap_or_default()
     }
 
-    pub(crate) fn role<'p>(&self, policy: &'p Policy, p: &Principal) -> Result<&'p RolePolicy, VaultError> {
+    pub(crate) fn role<'p>(
+        &self,
+        policy: &'p Policy,
+        p: &Principal,
+    ) -> Result<&'p RolePolicy, VaultError> {
         policy.role(&p.role).ok_or_else(|| {
             VaultError::PermissionDenied(format!(
                 "role {:?} is not defined in the policy in force",
@@ -630,7 +653,11 @@ impl Engine {
 
     /// Claims `n` encryptions under `key`, durably reserving more when the
     /// reservation runs out. Refuses past the cap.
-    async fn claim_encryptions(&self, key: &KeyVersion, n: u64) -> Result<(), VaultError> {
+    pub(crate) async fn claim_encryptions(
+        &self,
+        key: &KeyVersion,
+        n: u64,
+    ) -> Result<(), VaultError> {
         let usage = key.usage();
         let used = usage.claim(n);
         let cap = match key.algorithm() {
@@ -742,6 +769,7 @@ impl Engine {
         fields: Vec<FieldInput>,
         as_order: bool,
     ) -> Result<(Vec<Token>, Option<Token>), VaultError> {
+        let _keys = self.key_gate.read().await;
         let policy = self.policy();
         let rid = request_id();
         let role = self.role(&policy, principal)?;
@@ -800,11 +828,15 @@ impl Engine {
         for (&i, found) in det_idx.iter().zip(existing) {
             reuse[i] = found;
         }
-        let key = keyring.primary();
         let to_encrypt = reuse.iter().filter(|r| r.is_none()).count() as u64;
-        if to_encrypt > 0 {
-            self.claim_encryptions(key, to_encrypt).await?;
-        }
+        // Claiming may rotate the data key (at its cap): encrypt under the
+        // primary of the keyring the claim was made in.
+        let keyring = if to_encrypt > 0 {
+            self.claim_primary(keyring, to_encrypt).await?
+        } else {
+            keyring
+        };
+        let key = keyring.primary();
         let now = self.now();
         let mut records = Vec::with_capacity(fields.len());
         for (i, f) in fields.iter().enumerate() {
@@ -881,6 +913,7 @@ impl Engine {
         tokens: Vec<Token>,
         purpose: &str,
     ) -> Result<Vec<Revealed>, VaultError> {
+        let _keys = self.key_gate.read().await;
         let policy = self.policy();
         let rid = request_id();
         let role = self.role(&policy, principal)?;

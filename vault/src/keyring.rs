@@ -33,6 +33,8 @@ pub mod state {
     pub const PRIMARY: &str = "primary";
     /// Still decrypts; no new encryptions.
     pub const DECRYPT_ONLY: &str = "decrypt_only";
+    /// Destroyed: the wrapped key is gone; kept listed for the record.
+    pub const RETIRED: &str = "retired";
 }
 
 /// Keyring failures. None of them contains key material.
@@ -115,6 +117,44 @@ pub fn new_data_key(
 /// Creates a new random fingerprint root key, wrapped under `kek`.
 pub fn new_fingerprint_root(kek: &SecretKey) -> Vec<u8> {
     crypto::wrap_key(kek, FINGERPRINT_ROOT_CONTEXT, &SecretKey::generate())
+}
+
+/// Re-wraps a stored data key from `old_kek` to `new_kek` (master-key
+/// rotation). A retired version (no key left) stays as it is.
+pub fn rewrap_data_key(
+    old_kek: &SecretKey,
+    new_kek: &SecretKey,
+    stored: &StoredKey,
+) -> Result<StoredKey, KeyringError> {
+    let Some(wrapped) = &stored.wrapped else {
+        return Ok(stored.clone());
+    };
+    let algorithm = Algorithm::from_id(stored.algorithm).ok_or_else(|| {
+        KeyringError::Inconsistent(format!(
+            "key version {} has an unknown algorithm",
+            stored.version
+        ))
+    })?;
+    let context = dek_context(stored.version, algorithm);
+    let dek =
+        crypto::unwrap_key(old_kek, &context, wrapped).map_err(|_| KeyringError::WrongMasterKey)?;
+    Ok(StoredKey {
+        wrapped: Some(crypto::wrap_key(new_kek, &context, &dek)),
+        ..stored.clone()
+    })
+}
+
+/// Re-wraps the fingerprint root key from `old_kek` to `new_kek`
+/// (master-key rotation). The root itself does not change, so tokens keep
+/// their fingerprints and deterministic tokens stay deterministic.
+pub fn rewrap_fingerprint_root(
+    old_kek: &SecretKey,
+    new_kek: &SecretKey,
+    wrapped: &[u8],
+) -> Result<Vec<u8>, KeyringError> {
+    let root = crypto::unwrap_key(old_kek, FINGERPRINT_ROOT_CONTEXT, wrapped)
+        .map_err(|_| KeyringError::WrongMasterKey)?;
+    Ok(crypto::wrap_key(new_kek, FINGERPRINT_ROOT_CONTEXT, &root))
 }
 
 /// The associated-data context of a field ciphertext: binds it to its token
@@ -238,8 +278,19 @@ impl Keyring {
         fingerprint_root: &[u8],
         usages: &BTreeMap<u32, Arc<KeyUsage>>,
     ) -> Result<Keyring, KeyringError> {
-        let kek = kek(master);
-        let root = crypto::unwrap_key(&kek, FINGERPRINT_ROOT_CONTEXT, fingerprint_root)
+        Keyring::load_with_kek(&kek(master), stored, fingerprint_root, usages)
+    }
+
+    /// Like [`Keyring::load`], from the key-encryption key the master key
+    /// derives: a running vault keeps only the KEK, and rebuilds its keyring
+    /// from it on rotation.
+    pub fn load_with_kek(
+        kek: &SecretKey,
+        stored: &[StoredKey],
+        fingerprint_root: &[u8],
+        usages: &BTreeMap<u32, Arc<KeyUsage>>,
+    ) -> Result<Keyring, KeyringError> {
+        let root = crypto::unwrap_key(kek, FINGERPRINT_ROOT_CONTEXT, fingerprint_root)
             .map_err(|_: CryptoError| KeyringError::WrongMasterKey)?;
         let fingerprinters = FieldKind::ALL
             .iter()
@@ -260,7 +311,7 @@ impl Keyring {
                     s.version
                 ))
             })?;
-            let dek = crypto::unwrap_key(&kek, &dek_context(s.version, algorithm), wrapped)
+            let dek = crypto::unwrap_key(kek, &dek_context(s.version, algorithm), wrapped)
                 .map_err(|_| KeyringError::WrongMasterKey)?;
             let ciphers = FieldKind::ALL
                 .iter()

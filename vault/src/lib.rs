@@ -19,6 +19,9 @@
 //! | [`store`] | the [`store::Store`] trait and its SQLite backend with group commit |
 //! | [`engine`] | the decisions: tokenize, reveal, authenticate |
 //! | [`service`] | gRPC ↔ domain types, the one error → status mapping |
+//! | [`admin`] | key rotation, rewrap and retirement, auto-rotation at the cap, policy reload, status |
+//! | [`service_admin`] | `AdminService`: the operator's RPCs |
+//! | [`cli_admin`] | the operator's subcommands (over gRPC) and the offline `keys rotate-master`, `policy check` |
 //! | [`server`] | the tonic server with health and reflection |
 //! | [`setup`] | initialising and opening a data directory |
 //! | [`cli`] | the `ordervault` subcommands |
@@ -45,13 +48,18 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod audit;
+pub mod auditor;
 pub mod bench;
 pub mod checkpoint;
 pub mod cli;
+pub mod cli_admin;
+pub mod cli_audit;
 pub mod crypto;
 pub mod engine;
 pub mod error;
+pub mod evidence;
 pub mod guard;
 pub mod keyring;
 pub mod kinds;
@@ -59,6 +67,8 @@ pub mod merkle;
 pub mod policy;
 pub mod server;
 pub mod service;
+pub mod service_admin;
+pub mod service_audit;
 pub mod setup;
 pub mod store;
 pub mod token;

@@ -5,12 +5,14 @@ use std::future::Future;
 use std::sync::Arc;
 
 use ordervault_proto::v1;
+use ordervault_proto::v1::admin_service_server::AdminServiceServer;
 use ordervault_proto::v1::token_service_server::TokenServiceServer;
 use tokio::net::TcpListener;
 use tonic::transport::Server;
 
 use crate::engine::Engine;
 use crate::service::TokenApi;
+use crate::service_admin::AdminApi;
 
 /// The transport refuses messages above this with `OUT_OF_RANGE`; messages
 /// between [`ordervault_proto::codec::MAX_MESSAGE_BYTES`] and this get the
@@ -30,10 +32,19 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(v1::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1();
+    let admin = AdminServiceServer::new(AdminApi::new(engine.clone()));
+    let audit = ordervault_proto::v1::audit_service_server::AuditServiceServer::new(
+        crate::service_audit::AuditApi::new(engine.clone()),
+    );
+    let checkpointer = tokio::spawn(checkpoints(engine.clone()));
     let tokens = TokenServiceServer::new(TokenApi::new(engine))
         .max_decoding_message_size(TRANSPORT_MAX_MESSAGE_BYTES);
     let mut builder = Server::builder();
-    let router = builder.add_service(health_service).add_service(tokens);
+    let router = builder
+        .add_service(health_service)
+        .add_service(tokens)
+        .add_service(admin)
+        .add_service(audit);
     let router = match reflection {
         Ok(r) => router.add_service(r),
         Err(e) => {
@@ -41,7 +52,7 @@ pub async fn serve(
             router
         }
     };
-    router
+    let served = router
         // Nagle off on accepted connections: replies written in several
         // frames would otherwise wait ~40 ms for a delayed ACK. (The
         // builder's tcp_nodelay does not apply to a given listener.)
@@ -49,5 +60,21 @@ pub async fn serve(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown,
         )
-        .await
+        .await;
+    checkpointer.abort();
+    served
+}
+
+/// Signs a checkpoint of this node's audit chain whenever enough events or
+/// time have passed (see [`crate::auditor`]).
+async fn checkpoints(engine: Arc<Engine>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        if engine.checkpoint_due().await
+            && let Err(e) = engine.checkpoint_now().await
+        {
+            tracing::error!(error = %e, "cannot sign an audit checkpoint");
+        }
+    }
 }

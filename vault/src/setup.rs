@@ -339,6 +339,8 @@ pub async fn open(
     }
     let master = keyring::load_master_key(&layout.master_key())?;
     let policy = Policy::load(&layout.policy())?;
+    let mut config = config;
+    config.policy_path.get_or_insert_with(|| layout.policy());
     let store = Arc::new(SqliteStore::open(&layout.db())?);
     let engine = Engine::load(store.clone(), &master, policy, clock, config).await?;
     Ok((Arc::new(engine), store))

@@ -130,6 +130,43 @@ pub struct AlertRecord {
     pub detail: String,
 }
 
+/// A signed checkpoint of an audit chain, as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredCheckpoint {
+    /// Chain (node id).
+    pub chain: String,
+    /// Tree size it covers.
+    pub size: u64,
+    /// Merkle root at that size.
+    pub root: [u8; 32],
+    /// When signed, Unix milliseconds.
+    pub ts_ms: i64,
+    /// The C2SP signed note.
+    pub note: String,
+}
+
+/// Filters of an audit query on indexed columns; others are applied to the
+/// decoded leaves by the caller.
+#[derive(Clone, Debug, Default)]
+pub struct AuditFilter {
+    /// Chain to read.
+    pub chain: String,
+    /// Only events with seq > this.
+    pub after_seq: u64,
+    /// Only this principal's.
+    pub principal: Option<String>,
+    /// Only this action's.
+    pub action: Option<String>,
+    /// Only this decision's.
+    pub decision: Option<String>,
+    /// Only events about this token.
+    pub token: Option<String>,
+    /// Only events at or after this time.
+    pub since_ms: Option<i64>,
+    /// Only events before this time.
+    pub until_ms: Option<i64>,
+}
+
 /// Everything one request writes, applied atomically.
 #[derive(Debug, Default)]
 pub struct WriteBatch {
@@ -157,10 +194,35 @@ pub struct WriteBatch {
     pub reveal_days: Vec<(String, i64, TokenId)>,
     /// Alerts to store.
     pub alerts: Vec<AlertRecord>,
+    /// Signed checkpoints to store.
+    pub checkpoints: Vec<StoredCheckpoint>,
+    /// Key versions to move from one state to another: (version, from,
+    /// to). Fails the batch unless the version is in state `from`.
+    pub key_states: Vec<(u32, String, String)>,
+    /// Ciphertexts re-encrypted under another key version. Each applies only
+    /// if the row is still under `from_version`; see [`Committed::rewrapped`].
+    pub rewraps: Vec<Rewrapped>,
+    /// Key versions to destroy: the wrapped key is erased and the state set
+    /// to `retired`. Fails the batch unless the version is `decrypt_only`
+    /// and no ciphertext uses it.
+    pub retire: Vec<u32>,
     /// The audit chain (node id) the events are appended to.
     pub audit_chain: String,
     /// Audit events to append, in order.
     pub audit: Vec<AuditEvent>,
+}
+
+/// One ciphertext re-encrypted under another key version (rewrap).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rewrapped {
+    /// The token's storage key.
+    pub id: TokenId,
+    /// The version the row must still be under for the update to apply.
+    pub from_version: u32,
+    /// The version of `ciphertext`.
+    pub to_version: u32,
+    /// The new AEAD envelope.
+    pub ciphertext: Vec<u8>,
 }
 
 /// What a committed batch resolved to.
@@ -171,6 +233,9 @@ pub struct Committed {
     pub token_ids: Vec<TokenId>,
     /// Sequence numbers given to the batch's audit events.
     pub audit_seqs: Vec<u64>,
+    /// How many of the batch's rewraps applied (the others' rows had
+    /// already moved to another version, or are gone).
+    pub rewrapped: u64,
 }
 
 /// Storage failures, by what the caller can do about them.
@@ -228,4 +293,45 @@ pub trait Store: Send + Sync + 'static {
     async fn revealed_on_day(&self, principal: &str, day: i64) -> Result<Vec<TokenId>, StoreError>;
     /// Alerts raised at or after `since_ms`, oldest first.
     async fn alerts(&self, since_ms: i64, limit: usize) -> Result<Vec<AlertRecord>, StoreError>;
+
+    // Audit log (auditors).
+
+    /// Ids of every audit chain.
+    async fn audit_chains(&self) -> Result<Vec<String>, StoreError>;
+    /// Highest sequence number of a chain (0 when empty).
+    async fn audit_size(&self, chain: &str) -> Result<u64, StoreError>;
+    /// Up to `limit` events matching `filter`, in sequence order.
+    async fn audit_query(
+        &self,
+        filter: AuditFilter,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError>;
+    /// All events about any of `tokens` (all chains), in (chain, seq) order.
+    async fn audit_by_tokens(&self, tokens: Vec<String>) -> Result<Vec<StoredEvent>, StoreError>;
+    /// Checkpoints of a chain, oldest first.
+    async fn checkpoints(&self, chain: &str) -> Result<Vec<StoredCheckpoint>, StoreError>;
+    /// All token ids holding a value of `kind` with this fingerprint.
+    async fn tokens_by_fingerprint(
+        &self,
+        keys: Vec<(FieldKind, [u8; 32])>,
+    ) -> Result<Vec<Vec<TokenId>>, StoreError>;
+
+    // Key lifecycle (admin).
+
+    /// Number of ciphertexts under each key version that has any.
+    async fn ciphertexts_per_version(&self) -> Result<Vec<(u32, u64)>, StoreError>;
+    /// Up to `limit` tokens to rewrap: those under `only` when given, else
+    /// under any version but `primary`.
+    async fn rewrap_candidates(
+        &self,
+        primary: u32,
+        only: Option<u32>,
+        limit: usize,
+    ) -> Result<Vec<TokenRecord>, StoreError>;
+    /// How many tokens [`Store::rewrap_candidates`] could still return.
+    async fn rewrap_remaining(&self, primary: u32, only: Option<u32>) -> Result<u64, StoreError>;
+    /// Bytes the store occupies on disk (database and log).
+    async fn storage_bytes(&self) -> Result<u64, StoreError>;
+    /// The last event of a chain: (seq, chain hash); `None` when empty.
+    async fn chain_head(&self, chain: &str) -> Result<Option<(u64, [u8; 32])>, StoreError>;
 }

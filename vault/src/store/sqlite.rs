@@ -17,8 +17,8 @@ use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use super::{
-    AlertRecord, Committed, GrantFilter, GrantRecord, PrincipalRecord, Store, StoreError,
-    StoredKey, TokenId, TokenRecord, WriteBatch,
+    AlertRecord, AuditFilter, Committed, GrantFilter, GrantRecord, PrincipalRecord, Store,
+    StoreError, StoredCheckpoint, StoredKey, TokenId, TokenRecord, WriteBatch,
 };
 use crate::audit::{self, StoredEvent};
 use crate::kinds::FieldKind;
@@ -116,6 +116,16 @@ CREATE TABLE alerts (
     detail    TEXT NOT NULL
 );
 CREATE INDEX alerts_by_time ON alerts (at_ms);
+",
+    r"
+CREATE TABLE checkpoints (
+    chain TEXT NOT NULL,
+    size  INTEGER NOT NULL,
+    root  BLOB NOT NULL,
+    ts_ms INTEGER NOT NULL,
+    note  TEXT NOT NULL,
+    PRIMARY KEY (chain, size)
+);
 ",
 ];
 
@@ -522,6 +532,236 @@ impl Store for SqliteStore {
         })
         .await
     }
+
+    async fn audit_chains(&self) -> Result<Vec<String>, StoreError> {
+        self.read(|c| {
+            c.prepare_cached("SELECT DISTINCT chain FROM audit_events ORDER BY chain")?
+                .query_map([], |r| r.get(0))?
+                .collect()
+        })
+        .await
+    }
+
+    async fn audit_size(&self, chain: &str) -> Result<u64, StoreError> {
+        let chain = chain.to_owned();
+        self.read(move |c| {
+            c.prepare_cached("SELECT coalesce(max(seq), 0) FROM audit_events WHERE chain = ?1")?
+                .query_row([chain], |r| r.get::<_, i64>(0))
+        })
+        .await
+        .map(|n| n as u64)
+    }
+
+    async fn audit_query(
+        &self,
+        f: AuditFilter,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        self.read(move |c| {
+            let mut sql = format!("{EVENT_SELECT} WHERE chain = ?1 AND seq > ?2");
+            let mut args: Vec<rusqlite::types::Value> =
+                vec![f.chain.clone().into(), (f.after_seq as i64).into()];
+            let mut add = |clause: &str, v: rusqlite::types::Value| {
+                args.push(v);
+                sql.push_str(&format!(" AND {clause} ?{}", args.len()));
+            };
+            if let Some(p) = f.principal {
+                add("principal =", p.into());
+            }
+            if let Some(a) = f.action {
+                add("action =", a.into());
+            }
+            if let Some(d) = f.decision {
+                add("decision =", d.into());
+            }
+            if let Some(t) = f.token {
+                add("token =", t.into());
+            }
+            if let Some(s) = f.since_ms {
+                add("ts_ms >=", s.into());
+            }
+            if let Some(u) = f.until_ms {
+                add("ts_ms <", u.into());
+            }
+            sql.push_str(&format!(" ORDER BY seq LIMIT {limit}"));
+            let mut st = c.prepare_cached(&sql)?;
+            st.query_map(rusqlite::params_from_iter(args), event_row)?
+                .collect()
+        })
+        .await
+    }
+
+    async fn audit_by_tokens(&self, tokens: Vec<String>) -> Result<Vec<StoredEvent>, StoreError> {
+        self.read(move |c| {
+            let mut st = c.prepare_cached(&format!(
+                "{EVENT_SELECT} WHERE token = ?1 ORDER BY chain, seq"
+            ))?;
+            let mut out = Vec::new();
+            for t in &tokens {
+                for e in st.query_map([t], event_row)? {
+                    out.push(e?);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn checkpoints(&self, chain: &str) -> Result<Vec<StoredCheckpoint>, StoreError> {
+        let chain = chain.to_owned();
+        self.read(move |c| {
+            c.prepare_cached("SELECT chain, size, root, ts_ms, note FROM checkpoints WHERE chain = ?1 ORDER BY size")?
+                .query_map([chain], |r| {
+                    let root: Vec<u8> = r.get(2)?;
+                    Ok(StoredCheckpoint {
+                        chain: r.get(0)?,
+                        size: r.get::<_, i64>(1)? as u64,
+                        root: root.try_into().unwrap_or([0; 32]),
+                        ts_ms: r.get(3)?,
+                        note: r.get(4)?,
+                    })
+                })?
+                .collect()
+        })
+        .await
+    }
+
+    async fn tokens_by_fingerprint(
+        &self,
+        keys: Vec<(FieldKind, [u8; 32])>,
+    ) -> Result<Vec<Vec<TokenId>>, StoreError> {
+        self.read(move |c| {
+            let mut st =
+                c.prepare_cached("SELECT id FROM tokens WHERE kind = ?1 AND fingerprint = ?2")?;
+            keys.iter()
+                .map(|(kind, fp)| {
+                    st.query_map(params![kind.code(), &fp[..]], |r| r.get(0))?
+                        .collect()
+                })
+                .collect()
+        })
+        .await
+    }
+
+    // Key lifecycle (admin).
+
+    async fn ciphertexts_per_version(&self) -> Result<Vec<(u32, u64)>, StoreError> {
+        self.read(|c| {
+            c.prepare_cached(
+                "SELECT key_version, count(*) FROM tokens GROUP BY key_version ORDER BY key_version",
+            )?
+            .query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?
+            .collect()
+        })
+        .await
+    }
+
+    async fn rewrap_candidates(
+        &self,
+        primary: u32,
+        only: Option<u32>,
+        limit: usize,
+    ) -> Result<Vec<TokenRecord>, StoreError> {
+        self.read(move |c| {
+            // Two ranges rather than `!=`, so the key-version index is used.
+            let (sql, a, b) = match only {
+                Some(v) => (REWRAP_ONLY, v, v),
+                None => (REWRAP_ANY, primary, primary),
+            };
+            let mut st = c.prepare_cached(sql)?;
+            st.query_map(params![a, b, limit as i64], |r| {
+                let id: TokenId = r.get(0)?;
+                let code: u8 = r.get(1)?;
+                let kind = FieldKind::from_code(code).ok_or_else(|| {
+                    rusqlite::Error::FromSqlConversionFailure(
+                        1,
+                        rusqlite::types::Type::Integer,
+                        "unknown field kind code".into(),
+                    )
+                })?;
+                Ok(TokenRecord {
+                    id,
+                    kind,
+                    key_version: r.get(2)?,
+                    ciphertext: r.get(3)?,
+                    fingerprint: r.get(4)?,
+                    deterministic: r.get(5)?,
+                    created_ms: r.get(6)?,
+                })
+            })?
+            .collect()
+        })
+        .await
+    }
+
+    async fn rewrap_remaining(&self, primary: u32, only: Option<u32>) -> Result<u64, StoreError> {
+        self.read(move |c| {
+            let n: i64 = match only {
+                Some(v) => c
+                    .prepare_cached("SELECT count(*) FROM tokens WHERE key_version = ?1")?
+                    .query_row([v], |r| r.get(0))?,
+                None => c
+                    .prepare_cached(
+                        "SELECT count(*) FROM tokens WHERE key_version < ?1 OR key_version > ?1",
+                    )?
+                    .query_row([primary], |r| r.get(0))?,
+            };
+            Ok(n as u64)
+        })
+        .await
+    }
+
+    async fn storage_bytes(&self) -> Result<u64, StoreError> {
+        let mut wal = self.path.clone().into_os_string();
+        wal.push("-wal");
+        let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        Ok(size(&self.path) + size(Path::new(&wal)))
+    }
+
+    async fn chain_head(&self, chain: &str) -> Result<Option<(u64, [u8; 32])>, StoreError> {
+        let chain = chain.to_owned();
+        self.read(move |c| {
+            c.prepare_cached(
+                "SELECT seq, chain_hash FROM audit_events WHERE chain = ?1 ORDER BY seq DESC LIMIT 1",
+            )?
+            .query_row([chain], |r| {
+                let hash: Vec<u8> = r.get(1)?;
+                Ok((r.get::<_, i64>(0)? as u64, hash.try_into().unwrap_or([0; 32])))
+            })
+            .optional()
+        })
+        .await
+    }
+}
+
+// Rewrap candidates; both take (version, version, limit) so one closure binds either.
+const REWRAP_ONLY: &str = "SELECT id, kind, key_version, ciphertext, fingerprint, deterministic, created_ms FROM tokens WHERE key_version = ?1 AND key_version = ?2 LIMIT ?3";
+const REWRAP_ANY: &str = "SELECT id, kind, key_version, ciphertext, fingerprint, deterministic, created_ms FROM tokens WHERE key_version < ?1 OR key_version > ?2 LIMIT ?3";
+
+/// A write the batch must not make: fails the batch (and so every other
+/// write in it) with a constraint error the store reports as a conflict.
+fn refused(why: String) -> rusqlite::Error {
+    rusqlite::Error::SqliteFailure(
+        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CONSTRAINT),
+        Some(why),
+    )
+}
+
+const EVENT_SELECT: &str = "SELECT seq, chain, leaf, chain_hash, principal, action, decision, token, ts_ms FROM audit_events";
+
+fn event_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
+    let hash: Vec<u8> = r.get(3)?;
+    Ok(StoredEvent {
+        seq: r.get::<_, i64>(0)? as u64,
+        chain: r.get(1)?,
+        leaf: r.get(2)?,
+        chain_hash: hash.try_into().unwrap_or([0; 32]),
+        principal: r.get(4)?,
+        action: r.get(5)?,
+        decision: r.get(6)?,
+        token: r.get(7)?,
+        ts_ms: r.get(8)?,
+    })
 }
 
 const GRANT_SELECT: &str = "SELECT id, principal, order_id, purpose, expires_ms, granted_by, created_ms, revoked_ms FROM grants";
@@ -785,10 +1025,51 @@ impl Writer {
                 .prepare_cached("INSERT OR IGNORE INTO reveal_days (principal, day, order_id) VALUES (?1, ?2, ?3)")?
                 .execute(params![principal, day, &order[..]])?;
         }
+        for c in &b.checkpoints {
+            self.conn
+                .prepare_cached("INSERT INTO checkpoints (chain, size, root, ts_ms, note) VALUES (?1, ?2, ?3, ?4, ?5)")?
+                .execute(params![c.chain, c.size as i64, &c.root[..], c.ts_ms, c.note])?;
+        }
         for a in &b.alerts {
             self.conn
                 .prepare_cached("INSERT INTO alerts (at_ms, kind, principal, peer, detail) VALUES (?1, ?2, ?3, ?4, ?5)")?
                 .execute(params![a.at_ms, a.kind, a.principal, a.peer, a.detail])?;
+        }
+        // Key lifecycle (admin).
+        for (version, from, to) in &b.key_states {
+            let changed = self
+                .conn
+                .prepare_cached(
+                    "UPDATE key_versions SET state = ?3 WHERE version = ?1 AND state = ?2",
+                )?
+                .execute(params![version, from, to])?;
+            if changed != 1 {
+                return Err(refused(format!("key version {version} is not {from}")));
+            }
+        }
+        for r in &b.rewraps {
+            out.rewrapped += self
+                .conn
+                .prepare_cached(
+                    "UPDATE tokens SET key_version = ?3, ciphertext = ?4 WHERE id = ?1 AND key_version = ?2",
+                )?
+                .execute(params![&r.id[..], r.from_version, r.to_version, r.ciphertext])?
+                as u64;
+        }
+        for version in &b.retire {
+            let changed = self
+                .conn
+                .prepare_cached(
+                    "UPDATE key_versions SET wrapped = NULL, state = 'retired'
+                     WHERE version = ?1 AND state = 'decrypt_only'
+                       AND NOT EXISTS (SELECT 1 FROM tokens WHERE key_version = ?1)",
+                )?
+                .execute([version])?;
+            if changed != 1 {
+                return Err(refused(format!(
+                    "key version {version} is not decrypt-only or still protects ciphertexts"
+                )));
+            }
         }
         let chain = b.audit_chain.as_str();
         for event in &b.audit {
