@@ -644,12 +644,16 @@ async fn master_key_rotation_offline() {
     let shop_key = create_principal(&server.url, &admin, "shop", "shop").await;
     let shop = server.client(&shop_key).await;
     let issued = tokenize_range(&shop, 0..300).await;
-    // Two data-key versions, one of them retired, must all survive.
+    // Three data-key versions, one of them retired, two in use.
     assert_ok(&cli(&server.url, Some(&admin), &["keys", "rotate"]).await);
+    assert_ok(&cli(&server.url, Some(&admin), &["keys", "rewrap"]).await);
+    assert_ok(&cli(&server.url, Some(&admin), &["keys", "retire", "1"]).await);
     let issued_v2 = tokenize_range(&shop, 300..400).await;
-    server.terminate();
-
-    let old_key = std::fs::read_to_string(data.join("master.key")).unwrap();
+    assert_ok(&cli(&server.url, Some(&admin), &["keys", "rotate"]).await);
+    let issued_v3 = tokenize_range(&shop, 400..450).await;
+    // The audit log's signing key is wrapped by the master key too.
+    let pubkey = cli(&server.url, Some(&admin), &["audit", "pubkey"]).await;
+    assert_ok(&pubkey);
     let new_key_file = dir.path().join("new.key");
     let new_key = ordervault::crypto::SecretKey::generate()
         .to_hex()
@@ -664,6 +668,12 @@ async fn master_key_rotation_offline() {
             .output()
             .unwrap()
     };
+    // Not while the server runs.
+    let busy = rotate_master(&["--new-key-file", new_key_file.to_str().unwrap()]);
+    assert_fails(&busy, 78, "is in use: stop its server");
+    server.terminate();
+
+    let old_key = std::fs::read_to_string(data.join("master.key")).unwrap();
 
     // Bad key files change nothing.
     let junk = dir.path().join("junk.key");
@@ -721,6 +731,10 @@ async fn master_key_rotation_offline() {
     let shop = server.client(&shop_key).await;
     assert_all_reveal(&shop, &issued).await;
     assert_all_reveal(&shop, &issued_v2).await;
+    assert_all_reveal(&shop, &issued_v3).await;
+    let after = cli(&server.url, Some(&admin), &["audit", "pubkey"]).await;
+    assert_ok(&after);
+    assert_eq!(stdout(&after), stdout(&pubkey), "same audit signing key");
     // Same fingerprint key: a customer id seen before gets its old token.
     let again = shop
         .tokenize([(FieldKind::CustomerId, "cust-0000003")])
@@ -1391,4 +1405,35 @@ async fn cli_help_and_completions() {
     }
     let out = cli(url, None, &["completions", "tcsh"]).await;
     assert_eq!(out.status.code(), Some(64));
+}
+
+/// Rewrap throughput: 50,000 ciphertexts through the real CLI, default
+/// batch size. Run by hand: `cargo test --release -p ordervault --test e2e
+/// rewrap_rate -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement, not a check"]
+async fn rewrap_rate_50k() {
+    let vault = start().await;
+    let shop = vault.client("shop").await;
+    let issued = tokenize_range(&shop, 0..50_000).await;
+    let admin = vault.key("admin");
+    assert_ok(&cli(&vault.url(), Some(&admin), &["keys", "rotate"]).await);
+    for batch in ["1000", "5000"] {
+        let started = std::time::Instant::now();
+        let out = cli(
+            &vault.url(),
+            Some(&admin),
+            &["keys", "rewrap", "--batch", batch],
+        )
+        .await;
+        assert_ok(&out);
+        let secs = started.elapsed().as_secs_f64();
+        println!(
+            "batch {batch}: {} ciphertexts/s ({})",
+            (50_000.0 / secs).round(),
+            stdout(&out).lines().next().unwrap()
+        );
+        assert_ok(&cli(&vault.url(), Some(&admin), &["keys", "rotate"]).await);
+    }
+    assert_all_reveal(&shop, &issued).await;
 }

@@ -29,7 +29,7 @@ use crate::token::{Token, TokenClass};
 
 /// Meta key of the wrapped checkpoint-signing seed.
 pub const META_SIGNING_SEED: &str = "audit_signing_seed";
-const SIGNING_SEED_CONTEXT: &[u8] = b"ordervault/v1/audit-signing-seed";
+pub(crate) const SIGNING_SEED_CONTEXT: &[u8] = b"ordervault/v1/audit-signing-seed";
 
 /// Sign a checkpoint after this many new events...
 pub const CHECKPOINT_EVERY_EVENTS: u64 = 1000;
@@ -655,10 +655,10 @@ impl Engine {
                 if e.decision == "denied" || e.decision == "error" {
                     continue;
                 }
-                if let Some((_, _, ev)) = audit::decode_leaf(&e.leaf) {
-                    if let Some(r) = ev.order_token.or(ev.token) {
-                        seen.insert(r);
-                    }
+                if let Some((_, _, ev)) = audit::decode_leaf(&e.leaf)
+                    && let Some(r) = ev.order_token.or(ev.token)
+                {
+                    seen.insert(r);
                 }
             }
         }

@@ -84,6 +84,11 @@ pub struct ServeArgs {
     #[arg(long, env = "ORDERVAULT_ENCRYPTION_CAP", default_value_t = DEFAULT_ENCRYPTION_CAP,
           value_parser = clap::value_parser!(u64).range(1..=(1u64 << 32)))]
     pub encryption_cap: u64,
+    /// Rotate an AES-256-GCM data key by itself when it nears its cap
+    /// (`--auto-rotate false`: refuse encryptions past the cap instead).
+    #[arg(long, env = "ORDERVAULT_AUTO_ROTATE", default_value_t = true,
+          action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub auto_rotate: bool,
     /// Seconds to let in-flight requests finish after SIGINT/SIGTERM.
     #[arg(long, default_value_t = 10)]
     pub drain_seconds: u64,
@@ -190,6 +195,7 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
     let config = EngineConfig {
         chain: args.data.node_id.clone(),
         encryption_cap: args.encryption_cap,
+        auto_rotate: args.auto_rotate,
         ..EngineConfig::default()
     };
     let (engine, store) = setup::open(&layout, Arc::new(SystemClock), config).await?;

@@ -677,6 +677,14 @@ async fn rotate_master(args: RotateMasterArgs) -> Result<(), Failure> {
     }
     let new = read_key_file(&args.new_key_file)?;
     let from_env = std::env::var_os(MASTER_KEY_ENV).is_some();
+    // The master key is cached (as its KEK) by a running server, which
+    // would go on wrapping new data keys under the old one.
+    if crate::store::sqlite::in_use(&layout.db()).map_err(|e| config_failure(e.to_string()))? {
+        return Err(config_failure(format!(
+            "the vault in {} is in use: stop its server (and any other ordervault process using it) first",
+            layout.dir.display()
+        )));
+    }
     let store = SqliteStore::open(&layout.db()).map_err(|e| config_failure(e.to_string()))?;
     let result = rotate_master_in(&layout, &store, &new, from_env, &args.node_id).await;
     store.close();
@@ -756,7 +764,8 @@ async fn rotate_master_in(
     }
     if bool::from(old.expose().ct_eq(new.expose())) {
         if completed_earlier {
-            return Ok((keys.len(), true));
+            let live = keys.iter().filter(|k| k.wrapped.is_some()).count();
+            return Ok((live, true));
         }
         return Err(Failure {
             code: EXIT_USAGE,
@@ -771,6 +780,22 @@ async fn rotate_master_in(
         .map_err(|e| config_failure(e.to_string()))?;
     let new_root = keyring::rewrap_fingerprint_root(&old_kek, &new_kek, &root)
         .map_err(|e| config_failure(e.to_string()))?;
+    let mut meta = vec![(META_FINGERPRINT_ROOT.to_owned(), new_root.clone())];
+    // Every other key the master key wraps.
+    for (name, context) in [(
+        crate::auditor::META_SIGNING_SEED,
+        crate::auditor::SIGNING_SEED_CONTEXT,
+    )] {
+        let stored = store
+            .meta(name)
+            .await
+            .map_err(|e| config_failure(e.to_string()))?;
+        if let Some(wrapped) = stored {
+            let rewrapped = keyring::rewrap_secret(&old_kek, &new_kek, context, &wrapped)
+                .map_err(|_| config_failure(format!("the stored {name} does not unwrap under the current master key: it was altered; nothing was changed")))?;
+            meta.push((name.to_owned(), rewrapped));
+        }
+    }
     if !opens(new, &rewrapped, &new_root) {
         return Err(failure(
             "the rewrapped keys do not open under the new key; nothing was changed",
@@ -798,15 +823,12 @@ async fn rotate_master_in(
         &hex::encode(crate::crypto::random_bytes::<8>()),
         &policy_hash,
     );
-    ev.reason = Some(format!(
-        "master_key_rotated key_versions={}",
-        rewrapped.iter().filter(|k| k.wrapped.is_some()).count()
-    ));
-    let versions = rewrapped.len();
+    let versions = rewrapped.iter().filter(|k| k.wrapped.is_some()).count();
+    ev.reason = Some(format!("master_key_rotated key_versions={versions}"));
     store
         .commit(WriteBatch {
             keys: rewrapped,
-            meta: vec![(META_FINGERPRINT_ROOT.into(), new_root)],
+            meta,
             audit_chain: chain.to_owned(),
             audit: vec![ev],
             ..Default::default()

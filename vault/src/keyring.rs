@@ -152,9 +152,20 @@ pub fn rewrap_fingerprint_root(
     new_kek: &SecretKey,
     wrapped: &[u8],
 ) -> Result<Vec<u8>, KeyringError> {
-    let root = crypto::unwrap_key(old_kek, FINGERPRINT_ROOT_CONTEXT, wrapped)
-        .map_err(|_| KeyringError::WrongMasterKey)?;
-    Ok(crypto::wrap_key(new_kek, FINGERPRINT_ROOT_CONTEXT, &root))
+    rewrap_secret(old_kek, new_kek, FINGERPRINT_ROOT_CONTEXT, wrapped)
+}
+
+/// Re-wraps any key wrapped under a KEK with `context` (master-key
+/// rotation): the key itself does not change.
+pub fn rewrap_secret(
+    old_kek: &SecretKey,
+    new_kek: &SecretKey,
+    context: &[u8],
+    wrapped: &[u8],
+) -> Result<Vec<u8>, KeyringError> {
+    let key =
+        crypto::unwrap_key(old_kek, context, wrapped).map_err(|_| KeyringError::WrongMasterKey)?;
+    Ok(crypto::wrap_key(new_kek, context, &key))
 }
 
 /// The associated-data context of a field ciphertext: binds it to its token

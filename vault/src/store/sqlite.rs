@@ -663,13 +663,16 @@ impl Store for SqliteStore {
         limit: usize,
     ) -> Result<Vec<TokenRecord>, StoreError> {
         self.read(move |c| {
-            // Two ranges rather than `!=`, so the key-version index is used.
-            let (sql, a, b) = match only {
-                Some(v) => (REWRAP_ONLY, v, v),
-                None => (REWRAP_ANY, primary, primary),
-            };
-            let mut st = c.prepare_cached(sql)?;
-            st.query_map(params![a, b, limit as i64], |r| {
+            let mut out = Vec::with_capacity(limit.min(10_000));
+            for (op, version) in rewrap_ranges(primary, only) {
+                if out.len() >= limit {
+                    break;
+                }
+                let mut st = c.prepare_cached(&format!(
+                    "SELECT id, kind, key_version, ciphertext, fingerprint, deterministic, created_ms
+                     FROM tokens WHERE key_version {op} ?1 LIMIT ?2"
+                ))?;
+                let rows = st.query_map(params![version, (limit - out.len()) as i64], |r| {
                 let id: TokenId = r.get(0)?;
                 let code: u8 = r.get(1)?;
                 let kind = FieldKind::from_code(code).ok_or_else(|| {
@@ -679,34 +682,36 @@ impl Store for SqliteStore {
                         "unknown field kind code".into(),
                     )
                 })?;
-                Ok(TokenRecord {
-                    id,
-                    kind,
-                    key_version: r.get(2)?,
-                    ciphertext: r.get(3)?,
-                    fingerprint: r.get(4)?,
-                    deterministic: r.get(5)?,
-                    created_ms: r.get(6)?,
-                })
-            })?
-            .collect()
+                    Ok(TokenRecord {
+                        id,
+                        kind,
+                        key_version: r.get(2)?,
+                        ciphertext: r.get(3)?,
+                        fingerprint: r.get(4)?,
+                        deterministic: r.get(5)?,
+                        created_ms: r.get(6)?,
+                    })
+                })?;
+                for row in rows {
+                    out.push(row?);
+                }
+            }
+            Ok(out)
         })
         .await
     }
 
     async fn rewrap_remaining(&self, primary: u32, only: Option<u32>) -> Result<u64, StoreError> {
         self.read(move |c| {
-            let n: i64 = match only {
-                Some(v) => c
-                    .prepare_cached("SELECT count(*) FROM tokens WHERE key_version = ?1")?
-                    .query_row([v], |r| r.get(0))?,
-                None => c
-                    .prepare_cached(
-                        "SELECT count(*) FROM tokens WHERE key_version < ?1 OR key_version > ?1",
-                    )?
-                    .query_row([primary], |r| r.get(0))?,
-            };
-            Ok(n as u64)
+            let mut n = 0;
+            for (op, version) in rewrap_ranges(primary, only) {
+                n += c
+                    .prepare_cached(&format!(
+                        "SELECT count(*) FROM tokens WHERE key_version {op} ?1"
+                    ))?
+                    .query_row([version], |r| r.get::<_, i64>(0))? as u64;
+            }
+            Ok(n)
         })
         .await
     }
@@ -734,9 +739,40 @@ impl Store for SqliteStore {
     }
 }
 
-// Rewrap candidates; both take (version, version, limit) so one closure binds either.
-const REWRAP_ONLY: &str = "SELECT id, kind, key_version, ciphertext, fingerprint, deterministic, created_ms FROM tokens WHERE key_version = ?1 AND key_version = ?2 LIMIT ?3";
-const REWRAP_ANY: &str = "SELECT id, kind, key_version, ciphertext, fingerprint, deterministic, created_ms FROM tokens WHERE key_version < ?1 OR key_version > ?2 LIMIT ?3";
+/// Whether another process has the database at `path` open (a running
+/// server holds its connections for as long as it runs): offline tools
+/// that must not run beside a server check this first.
+pub fn in_use(path: &Path) -> Result<bool, StoreError> {
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE)
+        .map_err(unavailable)?;
+    conn.busy_timeout(std::time::Duration::from_millis(250))
+        .map_err(unavailable)?;
+    // In exclusive locking mode a WAL database needs the file's exclusive
+    // lock, which any other open connection, even an idle one, prevents.
+    conn.pragma_update(None, "locking_mode", "EXCLUSIVE")
+        .map_err(unavailable)?;
+    match conn.execute_batch("BEGIN EXCLUSIVE; ROLLBACK;") {
+        Ok(()) => Ok(false),
+        Err(rusqlite::Error::SqliteFailure(f, _))
+            if matches!(f.code, ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) =>
+        {
+            Ok(true)
+        }
+        Err(e) => Err(unavailable(e)),
+    }
+}
+
+/// The key-version ranges a rewrap reads: one version, or every version but
+/// the primary. As separate ranges rather than `!=` or `OR`, each an index
+/// range scan: an `OR` over a WITHOUT ROWID table makes SQLite dedupe every
+/// matching row in a temporary b-tree, which made counting the remaining
+/// rows cost more than rewrapping a batch.
+fn rewrap_ranges(primary: u32, only: Option<u32>) -> Vec<(&'static str, u32)> {
+    match only {
+        Some(v) => vec![("=", v)],
+        None => vec![("<", primary), (">", primary)],
+    }
+}
 
 /// A write the batch must not make: fails the batch (and so every other
 /// write in it) with a constraint error the store reports as a conflict.
