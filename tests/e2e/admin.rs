@@ -610,6 +610,30 @@ async fn rewrap_killed_part_way_resumes_and_loses_nothing() {
     rewrap.wait().unwrap();
     let after_cli_kill = versions_in(&db);
     assert_eq!(after_cli_kill.values().sum::<u64>(), N as u64);
+    let v1_left = after_cli_kill.get(&1).copied().unwrap_or(0);
+
+    // 2b. Ctrl-C stops it cleanly, saying how to go on.
+    let rewrap = spawn_rewrap(&server.url, &admin, "200");
+    let pid = rewrap.id().to_string();
+    tokio::task::spawn_blocking({
+        let db = db.clone();
+        move || wait_for_progress(&db, v1_left.saturating_sub(400).max(1))
+    })
+    .await
+    .unwrap();
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let out = tokio::task::spawn_blocking(move || rewrap.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert_fails(&out, 1, "interrupted after ");
+    assert!(stderr(&out).contains("nothing is lost or half-written"));
+    assert_eq!(versions_in(&db).values().sum::<u64>(), N as u64);
 
     // 3. Started once more, it completes; v1 can then be retired.
     let out = cli(
@@ -1151,7 +1175,29 @@ async fn cli_subcommands_against_a_running_vault() {
     let shop = vault.client("shop").await;
     tokenize_range(&shop, 0..5).await;
 
-    // Wrong role, missing key, unreachable server.
+    // Wrong role, for every subcommand that talks to the server.
+    for (args, what) in [
+        (&["keys", "list"][..], "list data keys"),
+        (&["keys", "rotate"][..], "rotate data keys"),
+        (&["keys", "rewrap"][..], "list data keys"),
+        (&["keys", "retire", "1"][..], "retire data keys"),
+        (
+            &["principals", "create", "x", "--role", "admin"][..],
+            "create principals",
+        ),
+        (&["principals", "list"][..], "list principals"),
+        (&["principals", "revoke", "admin"][..], "revoke principals"),
+        (&["policy", "reload"][..], "reload the policy"),
+        (&["status"][..], "read the vault status"),
+    ] {
+        let out = cli(&url, Some(&vault.key("supplier")), args).await;
+        assert_fails(
+            &out,
+            1,
+            &format!("PERMISSION_DENIED: role \"supplier\" may not {what}"),
+        );
+    }
+    // Missing key, unknown key, unreachable server.
     let out = cli(&url, Some(&shop_key), &["keys", "list"]).await;
     assert_fails(
         &out,

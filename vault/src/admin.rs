@@ -634,3 +634,27 @@ impl Engine {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn algorithms_parse_by_their_names_and_default_to_aes_gcm() {
+        assert_eq!(parse_algorithm("").ok(), Some(Algorithm::Aes256Gcm));
+        assert_eq!(
+            parse_algorithm("aes256gcm").ok(),
+            Some(Algorithm::Aes256Gcm)
+        );
+        assert_eq!(
+            parse_algorithm("xchacha20poly1305").ok(),
+            Some(Algorithm::XChaCha20Poly1305)
+        );
+        for bad in ["AES256GCM", "des", "chacha20poly1305", " aes256gcm"] {
+            assert!(
+                matches!(parse_algorithm(bad), Err(VaultError::InvalidArgument(_))),
+                "{bad}"
+            );
+        }
+    }
+}

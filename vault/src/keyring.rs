@@ -459,6 +459,55 @@ mod tests {
     }
 
     #[test]
+    fn rewrapped_keys_open_under_the_new_master_key_only() {
+        let (old, keys, root) = setup();
+        let new = SecretKey::generate();
+        let (old_kek, new_kek) = (kek(&old), kek(&new));
+        let mut retired = new_data_key(&old_kek, 3, Algorithm::Aes256Gcm, state::RETIRED, 0);
+        retired.wrapped = None;
+        let mut all = keys.clone();
+        all.push(retired.clone());
+        let rewrapped: Vec<StoredKey> = all
+            .iter()
+            .map(|k| rewrap_data_key(&old_kek, &new_kek, k).expect("rewrap"))
+            .collect();
+        let new_root = rewrap_fingerprint_root(&old_kek, &new_kek, &root).expect("rewrap root");
+        assert_eq!(
+            rewrapped[2], retired,
+            "a retired version has nothing to rewrap"
+        );
+        let before = Keyring::load(&old, &keys, &root, &BTreeMap::new()).expect("old");
+        let after = Keyring::load(&new, &rewrapped, &new_root, &BTreeMap::new()).expect("new");
+        // Same data keys and fingerprint key: old ciphertexts open, tokens
+        // keep their fingerprints.
+        let ctx = field_context(&[1; 16], FieldKind::Email);
+        let ct = before
+            .primary()
+            .cipher(FieldKind::Email)
+            .seal(2, &ctx, b"a@b.cn");
+        assert!(
+            after
+                .primary()
+                .cipher(FieldKind::Email)
+                .open(&ctx, &ct)
+                .is_ok()
+        );
+        assert_eq!(
+            before.fingerprint(FieldKind::Email, "a@b.cn"),
+            after.fingerprint(FieldKind::Email, "a@b.cn")
+        );
+        assert!(matches!(
+            Keyring::load(&old, &rewrapped, &new_root, &BTreeMap::new()),
+            Err(KeyringError::WrongMasterKey)
+        ));
+        // A key not wrapped under the old KEK is refused, not rewrapped.
+        assert!(matches!(
+            rewrap_data_key(&new_kek, &old_kek, &keys[0]),
+            Err(KeyringError::WrongMasterKey)
+        ));
+    }
+
+    #[test]
     fn usage_resumes_at_the_reservation() {
         let u = KeyUsage::resume(1000);
         assert_eq!(u.claim(5), 1005);
