@@ -189,11 +189,25 @@ pub fn leaf_hash(leaf: &[u8]) -> [u8; 32] {
 
 /// The chain hash after appending a leaf: `SHA-256(0x01 || prev || leaf_hash)`.
 pub fn chain_hash(prev: &[u8; 32], leaf: &[u8]) -> [u8; 32] {
+    chain_hash_of(prev, &leaf_hash(leaf))
+}
+
+/// [`chain_hash`] from an already computed leaf hash.
+pub fn chain_hash_of(prev: &[u8; 32], leaf_hash: &[u8; 32]) -> [u8; 32] {
     let mut buf = [0u8; 65];
     buf[0] = 0x01;
     buf[1..33].copy_from_slice(prev);
-    buf[33..].copy_from_slice(&leaf_hash(leaf));
+    buf[33..].copy_from_slice(leaf_hash);
     crypto::sha256(&buf)
+}
+
+/// Whether a stored event's indexed columns equal its decoded leaf.
+pub fn columns_match(e: &StoredEvent, event: &AuditEvent) -> bool {
+    event.principal == e.principal
+        && event.action.as_str() == e.action
+        && event.decision.as_str() == e.decision
+        && event.token == e.token
+        && event.ts_ms == e.ts_ms
 }
 
 /// The chain hash before the first event.

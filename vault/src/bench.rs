@@ -108,6 +108,13 @@ pub struct BenchArgs {
     /// the SDK typically holds one).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub connections: u32,
+    /// Instead of the token cases: fill the audit log with this many events
+    /// (reveals of 10,000 orders) and measure what auditors do with it: the
+    /// first page of a query by principal over a day, a full online
+    /// verification, and a trace of 10,000 leaked records.
+    #[arg(long, default_value_t = 0)]
+    pub audit_events: u64,
+
     /// Print one JSON document instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -229,6 +236,28 @@ pub async fn run(args: BenchArgs) -> Result<(), Failure> {
             .await
             .map_err(|e| fail(format!("the start-up task failed: {e}")))??
     };
+    if args.audit_events > 0 {
+        let outcome = tokio::select! {
+            r = crate::bench_audit::run(&server, args.audit_events, &progress) => r,
+            _ = tokio::signal::ctrl_c() => Err(Failure {
+                code: 130,
+                message: "interrupted; the bench's vault was stopped and its data removed".into(),
+            }),
+        };
+        progress.clear();
+        drop(server);
+        drop(scratch);
+        let report = outcome?;
+        if args.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&report).unwrap_or_default()
+            );
+        } else {
+            print!("{}", crate::bench_audit::render(&report));
+        }
+        return Ok(());
+    }
     let outcome = tokio::select! {
         r = bench(&args, &server, &progress) => r,
         _ = tokio::signal::ctrl_c() => Err(Failure {
@@ -370,13 +399,14 @@ impl Drop for ServerProcess {
 }
 
 /// A running `ordervault serve --dev` and the keys it printed.
-struct Server {
+pub(crate) struct Server {
     // Held only to kill the vault when the bench ends.
     _process: ServerProcess,
-    pid: u32,
-    url: String,
-    shop: MetadataValue<Ascii>,
-    courier: MetadataValue<Ascii>,
+    pub(crate) pid: u32,
+    pub(crate) url: String,
+    pub(crate) shop: MetadataValue<Ascii>,
+    pub(crate) courier: MetadataValue<Ascii>,
+    pub(crate) auditor: MetadataValue<Ascii>,
 }
 
 impl Server {
@@ -402,6 +432,7 @@ impl Server {
         };
         let shop = bearer("shop")?;
         let courier = bearer("courier")?;
+        let auditor = bearer("auditor")?;
         // Every acknowledged write of the initialisation is durable, so a
         // SIGKILL loses nothing.
         drop(first);
@@ -418,7 +449,18 @@ impl Server {
             url: format!("http://{addr}"),
             shop,
             courier,
+            auditor,
         })
+    }
+
+    pub(crate) async fn channel(&self) -> Result<Channel, Failure> {
+        Endpoint::from_shared(self.url.clone())
+            .map_err(|e| fail(format!("bad vault address {}: {e}", self.url)))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .map_err(|e| fail(format!("cannot connect to the vault at {}: {e}", self.url)))
     }
 
     async fn connect(&self) -> Result<TokenServiceClient<Channel>, Failure> {
@@ -617,12 +659,12 @@ impl Ctx {
 
 /// The `n`th phone number: a Chinese mobile number, distinct for every `n`
 /// below 10^10.
-fn phone(n: u64) -> String {
+pub(crate) fn phone(n: u64) -> String {
     format!("+86 1{:010}", n % 10_000_000_000)
 }
 
 /// The `n`th address.
-fn address(n: u64) -> String {
+pub(crate) fn address(n: u64) -> String {
     format!("浙江省杭州市西湖区文三路{n}号")
 }
 
@@ -636,7 +678,7 @@ const SURNAMES: [char; 16] = [
 ];
 
 /// The `n`th consignee name; repeats only every 16,384 orders.
-fn name(n: u64) -> String {
+pub(crate) fn name(n: u64) -> String {
     let i = n as usize;
     [
         SURNAMES[i % 16],
@@ -650,7 +692,7 @@ fn name(n: u64) -> String {
 /// The `n`th order: 8 tokenized fields (order number, name, phone, address,
 /// email, time of purchase, one item's title and unit price) plus the
 /// item's pass-through SKU, quantity and currency.
-fn sample_order(n: u64) -> v1::Order {
+pub(crate) fn sample_order(n: u64) -> v1::Order {
     v1::Order {
         order_number: format!("BN{n:012}"),
         customer_id: String::new(),
@@ -695,7 +737,7 @@ fn fields(first: u64, count: usize, mixed: bool) -> Vec<v1::Field> {
         .collect()
 }
 
-fn authorized<T>(message: T, key: &MetadataValue<Ascii>) -> tonic::Request<T> {
+pub(crate) fn authorized<T>(message: T, key: &MetadataValue<Ascii>) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     request.metadata_mut().insert("authorization", key.clone());
     request
@@ -1214,7 +1256,7 @@ fn render_table(results: &[Measurement]) -> String {
 
 /// The progress line on stderr: redrawn in place on a terminal; otherwise
 /// one line per phase, so logs stay readable.
-struct Progress {
+pub(crate) struct Progress {
     tty: bool,
 }
 
@@ -1226,7 +1268,7 @@ impl Progress {
     }
 
     /// A phase begins.
-    fn note(&self, text: &str) {
+    pub(crate) fn note(&self, text: &str) {
         if self.tty {
             self.update(text);
         } else {
@@ -1235,7 +1277,7 @@ impl Progress {
     }
 
     /// Redraws the line (terminal only).
-    fn update(&self, text: &str) {
+    pub(crate) fn update(&self, text: &str) {
         if self.tty {
             let mut err = std::io::stderr().lock();
             let _ = write!(err, "\r\x1b[2K{text}");
@@ -1244,7 +1286,7 @@ impl Progress {
     }
 
     /// A phase ended with a result worth keeping on screen.
-    fn done(&self, text: &str) {
+    pub(crate) fn done(&self, text: &str) {
         self.clear();
         eprintln!("ordervault bench: {text}");
     }

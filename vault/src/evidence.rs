@@ -121,62 +121,88 @@ pub fn parse_export(text: &str) -> Result<BTreeMap<String, ChainEvidence>, Strin
     Ok(chains)
 }
 
-/// Verifies one chain. `trusted` are checkpoints the auditor already holds
-/// (verified notes); the log must contain and match each of them.
-pub fn verify_chain(
-    chain: &str,
-    evidence: &ChainEvidence,
-    verifier: &NoteVerifier,
-    trusted: &[Checkpoint],
-) -> Result<ChainSummary, VerifyError> {
-    let fail = |seq: u64, problem: String| VerifyError { seq, problem };
-    // Signatures first: a checkpoint that does not verify is not evidence.
-    let mut checkpoints: Vec<Checkpoint> = Vec::new();
-    for note in &evidence.checkpoints {
-        let cp = checkpoint::open_checkpoint(note, verifier).map_err(|e| {
-            fail(
-                0,
-                format!("a checkpoint does not verify against the public key: {e}"),
-            )
-        })?;
-        if cp.origin != origin(chain) {
-            return Err(fail(
-                0,
-                format!("a checkpoint belongs to another log ({})", cp.origin),
-            ));
+/// Verifies one chain incrementally, event by event, in O(log n) memory:
+/// feed [`ChainVerifier::push`] the events in order, then call
+/// [`ChainVerifier::finish`].
+#[derive(Debug)]
+pub struct ChainVerifier {
+    chain: String,
+    checkpoints: Vec<Checkpoint>,
+    tree: CompactTree,
+    prev: [u8; 32],
+    next_cp: usize,
+    last_good: u64,
+}
+
+impl ChainVerifier {
+    /// Checks the checkpoint signatures and prepares to read events.
+    /// `trusted` are checkpoints the auditor already holds (verified notes);
+    /// the log must contain and match each of them.
+    pub fn new(
+        chain: &str,
+        notes: &[String],
+        verifier: &NoteVerifier,
+        trusted: &[Checkpoint],
+    ) -> Result<ChainVerifier, VerifyError> {
+        let fail = |problem: String| VerifyError { seq: 0, problem };
+        let mut checkpoints: Vec<Checkpoint> = Vec::new();
+        for note in notes {
+            // Signatures first: a checkpoint that does not verify is not evidence.
+            let cp = checkpoint::open_checkpoint(note, verifier).map_err(|e| {
+                fail(format!(
+                    "a checkpoint does not verify against the public key: {e}"
+                ))
+            })?;
+            if cp.origin != origin(chain) {
+                return Err(fail(format!(
+                    "a checkpoint belongs to another log ({})",
+                    cp.origin
+                )));
+            }
+            checkpoints.push(cp);
         }
-        checkpoints.push(cp);
-    }
-    checkpoints.extend(
-        trusted
-            .iter()
-            .filter(|c| c.origin == origin(chain))
-            .cloned(),
-    );
-    checkpoints.sort_by_key(|c| c.size);
-    // Two checkpoints of one size must agree: the log never forks.
-    for pair in checkpoints.windows(2) {
-        if pair[0].size == pair[1].size && pair[0].root != pair[1].root {
-            return Err(fail(
-                pair[0].size,
-                "two checkpoints of the same size disagree (the log forked)".into(),
-            ));
+        checkpoints.extend(
+            trusted
+                .iter()
+                .filter(|c| c.origin == origin(chain))
+                .cloned(),
+        );
+        checkpoints.sort_by_key(|c| c.size);
+        // Two checkpoints of one size must agree: the log never forks.
+        for pair in checkpoints.windows(2) {
+            if pair[0].size == pair[1].size && pair[0].root != pair[1].root {
+                return Err(VerifyError {
+                    seq: pair[0].size,
+                    problem: "two checkpoints of the same size disagree (the log forked)".into(),
+                });
+            }
         }
+        Ok(ChainVerifier {
+            chain: chain.to_owned(),
+            checkpoints,
+            tree: CompactTree::new(),
+            prev: audit::GENESIS,
+            next_cp: 0,
+            last_good: 0,
+        })
     }
 
-    let mut tree = CompactTree::new();
-    let mut prev = audit::GENESIS;
-    let mut next_cp = 0;
-    let mut last_good = 0u64;
-    for (i, (seq, leaf, stored_hash)) in evidence.events.iter().enumerate() {
-        let expected = i as u64 + 1;
-        if *seq > expected {
+    /// Checks the next event (as found: its seq, leaf and stored hash).
+    pub fn push(
+        &mut self,
+        seq: u64,
+        leaf: &[u8],
+        stored_hash: Option<&[u8; 32]>,
+    ) -> Result<(), VerifyError> {
+        let fail = |seq: u64, problem: String| VerifyError { seq, problem };
+        let expected = self.tree.size() + 1;
+        if seq > expected {
             return Err(fail(
                 expected,
                 format!("event missing (deleted): the next event present is seq {seq}"),
             ));
         }
-        if *seq < expected {
+        if seq < expected {
             return Err(fail(
                 expected,
                 format!("event seq {seq} appears again or out of order (inserted or reordered)"),
@@ -188,55 +214,96 @@ pub fn verify_chain(
                 "the event is not a valid event encoding (edited)".into(),
             )
         })?;
-        if leaf_seq != expected || leaf_chain != chain {
+        self.push_decoded(seq, leaf, &leaf_chain, leaf_seq, stored_hash)
+    }
+
+    /// [`push`](Self::push) for a leaf the caller has already decoded
+    /// (into its chain and seq), so a verifier decodes each event once.
+    pub fn push_decoded(
+        &mut self,
+        seq: u64,
+        leaf: &[u8],
+        leaf_chain: &str,
+        leaf_seq: u64,
+        stored_hash: Option<&[u8; 32]>,
+    ) -> Result<(), VerifyError> {
+        let fail = |seq: u64, problem: String| VerifyError { seq, problem };
+        let expected = self.tree.size() + 1;
+        if seq != expected {
+            return Err(fail(
+                expected,
+                format!("event missing or out of order: found seq {seq}"),
+            ));
+        }
+        if leaf_seq != expected || leaf_chain != self.chain {
             return Err(fail(
                 expected,
                 format!("the event was moved: its content says seq {leaf_seq} of {leaf_chain}"),
             ));
         }
-        let hash = audit::chain_hash(&prev, leaf);
-        if let Some(stored) = stored_hash
-            && *stored != hash
-        {
+        let leaf_hash = merkle::leaf_hash(leaf);
+        let hash = audit::chain_hash_of(&self.prev, &leaf_hash);
+        if stored_hash.is_some_and(|stored| *stored != hash) {
             return Err(fail(
                 expected,
                 "the event does not match its chain hash (edited)".into(),
             ));
         }
-        prev = hash;
-        tree.push(merkle::leaf_hash(leaf));
-        while next_cp < checkpoints.len() && checkpoints[next_cp].size == tree.size() {
-            if checkpoints[next_cp].root != tree.root() {
+        self.prev = hash;
+        self.tree.push(leaf_hash);
+        while self.next_cp < self.checkpoints.len()
+            && self.checkpoints[self.next_cp].size == self.tree.size()
+        {
+            if self.checkpoints[self.next_cp].root != self.tree.root() {
                 return Err(fail(
-                    last_good + 1,
+                    self.last_good + 1,
                     format!(
                         "events {}..={} do not match the checkpoint signed at size {} (edited after signing)",
-                        last_good + 1,
-                        tree.size(),
-                        tree.size()
+                        self.last_good + 1,
+                        self.tree.size(),
+                        self.tree.size()
                     ),
                 ));
             }
-            last_good = tree.size();
-            next_cp += 1;
+            self.last_good = self.tree.size();
+            self.next_cp += 1;
         }
+        Ok(())
     }
-    if let Some(cp) = checkpoints.get(next_cp) {
-        return Err(fail(
-            tree.size() + 1,
-            format!(
-                "the log has {} events but a checkpoint covers {}: it was truncated or rolled back",
-                tree.size(),
-                cp.size
-            ),
-        ));
+
+    /// Ends the chain: every checkpoint must have been reached.
+    pub fn finish(self) -> Result<ChainSummary, VerifyError> {
+        if let Some(cp) = self.checkpoints.get(self.next_cp) {
+            return Err(VerifyError {
+                seq: self.tree.size() + 1,
+                problem: format!(
+                    "the log has {} events but a checkpoint covers {}: it was truncated or rolled back",
+                    self.tree.size(),
+                    cp.size
+                ),
+            });
+        }
+        Ok(ChainSummary {
+            chain: self.chain,
+            events: self.tree.size(),
+            checkpoints: self.checkpoints.len() as u64,
+            root: self.tree.root(),
+        })
     }
-    Ok(ChainSummary {
-        chain: chain.to_owned(),
-        events: tree.size(),
-        checkpoints: checkpoints.len() as u64,
-        root: tree.root(),
-    })
+}
+
+/// Verifies one chain held in memory.
+pub fn verify_chain(
+    chain: &str,
+    evidence: &ChainEvidence,
+    verifier: &NoteVerifier,
+    trusted: &[Checkpoint],
+) -> Result<ChainSummary, VerifyError> {
+    let mut v = ChainVerifier::new(chain, &evidence.checkpoints, verifier, trusted)?;
+    for (seq, leaf, stored) in &evidence.events {
+        v.push(*seq, leaf, stored.as_ref())?;
+    }
+    v.finish()
 }
 
 /// Verifies every chain of an export. `verifiers` are the logs' public keys

@@ -52,6 +52,7 @@ pub mod admin;
 pub mod audit;
 pub mod auditor;
 pub mod bench;
+pub mod bench_audit;
 pub mod checkpoint;
 pub mod cli;
 pub mod cli_admin;

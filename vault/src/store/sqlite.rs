@@ -145,6 +145,32 @@ pub struct SqliteStore {
     writer: Mutex<Option<mpsc::Sender<Job>>>,
     writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     readers: Arc<Mutex<Vec<Connection>>>,
+    checkpointer: Mutex<
+        Option<(
+            Arc<std::sync::atomic::AtomicBool>,
+            std::thread::JoinHandle<()>,
+        )>,
+    >,
+}
+
+/// WAL frames past which the checkpointer copies the WAL into the database.
+const CHECKPOINT_FRAMES: i64 = 1000;
+
+/// Copies the WAL back into the database file whenever it has grown, with
+/// PASSIVE checkpoints that never block the writer or readers; the WAL is
+/// then reused from its start by the writer's next transaction.
+fn checkpoint_loop(conn: &Connection, stop: &std::sync::atomic::AtomicBool) {
+    use std::sync::atomic::Ordering;
+    while !stop.load(Ordering::Acquire) {
+        let frames = conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1))
+            .unwrap_or(0);
+        // Idle or small: look again soon. Large: go straight on.
+        if frames < CHECKPOINT_FRAMES {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+    let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -171,9 +197,9 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
     // survives power loss, not just a process crash.
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.set_prepared_statement_cache_capacity(64);
-    // 64 MiB of page cache per connection (negative = KiB): index pages of
+    // 32 MiB of page cache for the writer (negative = KiB): index pages of
     // a large vault stay in memory instead of being re-read from the OS.
-    conn.pragma_update(None, "cache_size", -65_536)?;
+    conn.pragma_update(None, "cache_size", -32_768)?;
     conn.pragma_update(None, "temp_store", "MEMORY")?;
     Ok(())
 }
@@ -229,16 +255,34 @@ impl SqliteStore {
             )));
         }
         migrate(&mut conn).map_err(unavailable)?;
+        // Checkpoints run on their own thread (below), not inside the
+        // writer's commits: the writer is the vault's serial bottleneck.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)
+            .map_err(unavailable)?;
         let (tx, rx) = mpsc::channel();
         let handle = std::thread::Builder::new()
             .name("ordervault-writer".into())
             .spawn(move || Writer::new(conn).run(rx))
             .map_err(|e| StoreError::Unavailable(format!("cannot start writer thread: {e}")))?;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let checkpointer = {
+            let stop = stop.clone();
+            let conn = open_conn(path).map_err(unavailable)?;
+            conn.pragma_update(None, "cache_size", -1_024)
+                .map_err(unavailable)?;
+            std::thread::Builder::new()
+                .name("ordervault-checkpoint".into())
+                .spawn(move || checkpoint_loop(&conn, &stop))
+                .map_err(|e| {
+                    StoreError::Unavailable(format!("cannot start checkpoint thread: {e}"))
+                })?
+        };
         Ok(SqliteStore {
             path: path.to_owned(),
             writer: Mutex::new(Some(tx)),
             writer_thread: Mutex::new(Some(handle)),
             readers: Arc::new(Mutex::new(Vec::new())),
+            checkpointer: Mutex::new(Some((stop, checkpointer))),
         })
     }
 
@@ -248,6 +292,11 @@ impl SqliteStore {
         drop(self.writer.lock().map(|mut w| w.take()));
         let handle = self.writer_thread.lock().ok().and_then(|mut h| h.take());
         if let Some(h) = handle {
+            let _ = h.join();
+        }
+        let checkpointer = self.checkpointer.lock().ok().and_then(|mut c| c.take());
+        if let Some((stop, h)) = checkpointer {
+            stop.store(true, std::sync::atomic::Ordering::Release);
             let _ = h.join();
         }
     }
@@ -267,6 +316,10 @@ impl SqliteStore {
                 None => {
                     let c = open_conn(&path).map_err(unavailable)?;
                     c.pragma_update(None, "query_only", true)
+                        .map_err(unavailable)?;
+                    // Readers share the OS page cache; a small private
+                    // cache each keeps the vault's memory bounded.
+                    c.pragma_update(None, "cache_size", -8_192)
                         .map_err(unavailable)?;
                     c
                 }
