@@ -236,30 +236,22 @@ pub async fn run(args: BenchArgs) -> Result<(), Failure> {
             .await
             .map_err(|e| fail(format!("the start-up task failed: {e}")))??
     };
-    if args.audit_events > 0 {
-        let outcome = tokio::select! {
-            r = crate::bench_audit::run(&server, args.audit_events, &progress) => r,
-            _ = tokio::signal::ctrl_c() => Err(Failure {
-                code: 130,
-                message: "interrupted; the bench's vault was stopped and its data removed".into(),
-            }),
-        };
-        progress.clear();
-        drop(server);
-        drop(scratch);
-        let report = outcome?;
-        if args.json {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&report).unwrap_or_default()
-            );
-        } else {
-            print!("{}", crate::bench_audit::render(&report));
-        }
-        return Ok(());
+    // Either the token cases or, with --audit-events, the audit cases.
+    enum Outcome {
+        Cases(Report),
+        Audit(crate::bench_audit::AuditReport),
     }
+    let work = async {
+        if args.audit_events > 0 {
+            crate::bench_audit::run(&server, args.audit_events, &progress)
+                .await
+                .map(Outcome::Audit)
+        } else {
+            bench(&args, &server, &progress).await.map(Outcome::Cases)
+        }
+    };
     let outcome = tokio::select! {
-        r = bench(&args, &server, &progress) => r,
+        r = work => r,
         _ = tokio::signal::ctrl_c() => Err(Failure {
             code: 130,
             message: "interrupted; the bench's vault was stopped and its data removed".into(),
@@ -268,7 +260,20 @@ pub async fn run(args: BenchArgs) -> Result<(), Failure> {
     progress.clear();
     drop(server);
     drop(scratch);
-    let report = outcome?;
+    let report = match outcome? {
+        Outcome::Cases(report) => report,
+        Outcome::Audit(audit) => {
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&audit).unwrap_or_default()
+                );
+            } else {
+                print!("{}", crate::bench_audit::render(&audit));
+            }
+            return Ok(());
+        }
+    };
     if args.json {
         let text = serde_json::to_string_pretty(&report)
             .map_err(|e| fail(format!("cannot encode the report as JSON: {e}")))?;

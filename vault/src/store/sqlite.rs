@@ -471,21 +471,8 @@ impl Store for SqliteStore {
                 "SELECT seq, chain, leaf, chain_hash, principal, action, decision, token, ts_ms
                  FROM audit_events WHERE chain = ?1 AND seq >= ?2 ORDER BY seq LIMIT ?3",
             )?;
-            st.query_map(params![chain, from_seq as i64, limit as i64], |r| {
-                let hash: Vec<u8> = r.get(3)?;
-                Ok(StoredEvent {
-                    seq: r.get::<_, i64>(0)? as u64,
-                    chain: r.get(1)?,
-                    leaf: r.get(2)?,
-                    chain_hash: hash.try_into().unwrap_or([0; 32]),
-                    principal: r.get(4)?,
-                    action: r.get(5)?,
-                    decision: r.get(6)?,
-                    token: r.get(7)?,
-                    ts_ms: r.get(8)?,
-                })
-            })?
-            .collect()
+            st.query_map(params![chain, from_seq as i64, limit as i64], event_row)?
+                .collect()
         })
         .await
     }
@@ -722,28 +709,11 @@ impl Store for SqliteStore {
                     break;
                 }
                 let mut st = c.prepare_cached(&format!(
-                    "SELECT id, kind, key_version, ciphertext, fingerprint, deterministic, created_ms
+                    "SELECT kind, key_version, ciphertext, fingerprint, deterministic, created_ms, id
                      FROM tokens WHERE key_version {op} ?1 LIMIT ?2"
                 ))?;
                 let rows = st.query_map(params![version, (limit - out.len()) as i64], |r| {
-                let id: TokenId = r.get(0)?;
-                let code: u8 = r.get(1)?;
-                let kind = FieldKind::from_code(code).ok_or_else(|| {
-                    rusqlite::Error::FromSqlConversionFailure(
-                        1,
-                        rusqlite::types::Type::Integer,
-                        "unknown field kind code".into(),
-                    )
-                })?;
-                    Ok(TokenRecord {
-                        id,
-                        kind,
-                        key_version: r.get(2)?,
-                        ciphertext: r.get(3)?,
-                        fingerprint: r.get(4)?,
-                        deterministic: r.get(5)?,
-                        created_ms: r.get(6)?,
-                    })
+                    token_row(r.get(6)?, r)
                 })?;
                 for row in rows {
                     out.push(row?);
