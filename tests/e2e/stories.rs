@@ -328,6 +328,44 @@ async fn a_courier_sees_only_its_granted_orders_until_the_grant_ends() {
         .await
         .unwrap();
     assert_eq!(of_a.len(), 1);
+    // The same listing from the command line (the real binary).
+    let listed = std::process::Command::new(env!("CARGO_BIN_EXE_ordervault"))
+        .args([
+            "grants",
+            "list",
+            "--all",
+            "--json",
+            "--addr",
+            &vault.url(),
+            "--api-key",
+            &vault.key("shop"),
+        ])
+        .args(["--order-token", b.order_token.as_str()])
+        .output()
+        .unwrap();
+    assert!(
+        listed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    let line: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(line["principal"], "courier-b");
+    assert_eq!(line["grant"], grant_b.id.as_str());
+    assert!(line["revoked_at"].is_string(), "{line}");
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_ordervault"))
+        .args([
+            "grants",
+            "list",
+            "--addr",
+            &vault.url(),
+            "--api-key",
+            &vault.key("courier-a"),
+        ])
+        .args(["--principal", "courier-a"])
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("PermissionDenied"));
     // Only roles with `grant` may grant.
     let err = courier_a
         .grant(

@@ -39,6 +39,9 @@ pub enum Command {
     /// Inspect the audit log.
     #[command(subcommand)]
     Audit(crate::cli_audit::AuditCommand),
+    /// Grants: who may reveal which order, for what, until when.
+    #[command(subcommand)]
+    Grants(crate::cli_grants::GrantsCommand),
     /// Measure throughput and latency against a vault it starts itself.
     Bench(crate::bench::BenchArgs),
     /// Data keys: list, rotate, rewrap, retire; rotate the master key (offline).
@@ -140,6 +143,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Audit(cmd) => crate::cli_audit::run(cmd).await,
+        Command::Grants(cmd) => crate::cli_grants::run(cmd).await,
         Command::Bench(args) => crate::bench::run(args).await,
         Command::Keys(cmd) => crate::cli_admin::keys(cmd).await,
         Command::Principals(cmd) => crate::cli_admin::principals(cmd).await,

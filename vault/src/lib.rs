@@ -57,6 +57,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod cli_admin;
 pub mod cli_audit;
+pub mod cli_grants;
 pub mod crypto;
 pub mod engine;
 pub mod error;
