@@ -690,30 +690,6 @@ impl Engine {
         from: i64,
         to: i64,
     ) -> Result<u64, VaultError> {
-        let mut seen: BTreeSet<String> = BTreeSet::new();
-        for chain in self.chains().await? {
-            let q = Query {
-                indexed: AuditFilter {
-                    chain,
-                    principal: Some(principal.to_owned()),
-                    action: Some("reveal".into()),
-                    since_ms: Some(from),
-                    until_ms: Some(to + 1),
-                    ..Default::default()
-                },
-                ..Default::default()
-            };
-            for e in self.query_audit_unchecked(&q, usize::MAX >> 1).await? {
-                if e.decision == "denied" || e.decision == "error" {
-                    continue;
-                }
-                if let Some((_, _, ev)) = audit::decode_leaf(&e.leaf)
-                    && let Some(r) = ev.order_token.or(ev.token)
-                {
-                    seen.insert(r);
-                }
-            }
-        }
-        Ok(seen.len() as u64)
+        Ok(self.store.revealed_records(principal, from, to).await?)
     }
 }

@@ -308,6 +308,14 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<StoredEvent>, StoreError>;
     /// All events about any of `tokens` (all chains), in (chain, seq) order.
     async fn audit_by_tokens(&self, tokens: Vec<String>) -> Result<Vec<StoredEvent>, StoreError>;
+    /// Distinct records (order tokens, or tokens outside orders) a principal
+    /// revealed in plain or masked in `[from_ms, to_ms]`, across all chains.
+    async fn revealed_records(
+        &self,
+        principal: &str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<u64, StoreError>;
     /// Checkpoints of a chain, oldest first.
     async fn checkpoints(&self, chain: &str) -> Result<Vec<StoredCheckpoint>, StoreError>;
     /// All token ids holding a value of `kind` with this fingerprint.

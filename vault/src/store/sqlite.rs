@@ -127,6 +127,11 @@ CREATE TABLE checkpoints (
     PRIMARY KEY (chain, size)
 );
 ",
+    // A principal's distinct records over a period, counted in SQL for leak
+    // tracing instead of decoding every leaf.
+    r"
+ALTER TABLE audit_events ADD COLUMN order_token TEXT;
+",
 ];
 
 /// Most batches gathered into one transaction.
@@ -647,6 +652,25 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn revealed_records(
+        &self,
+        principal: &str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<u64, StoreError> {
+        let principal = principal.to_owned();
+        self.read(move |c| {
+            c.prepare_cached(
+                "SELECT count(DISTINCT coalesce(order_token, token)) FROM audit_events
+                 WHERE principal = ?1 AND ts_ms >= ?2 AND ts_ms <= ?3
+                   AND action = 'reveal' AND decision IN ('allowed', 'masked')",
+            )?
+            .query_row(params![principal, from_ms, to_ms], |r| r.get::<_, i64>(0))
+        })
+        .await
+        .map(|n| n as u64)
+    }
+
     async fn checkpoints(&self, chain: &str) -> Result<Vec<StoredCheckpoint>, StoreError> {
         let chain = chain.to_owned();
         self.read(move |c| {
@@ -1138,8 +1162,8 @@ impl Writer {
             head.hash = audit::chain_hash(&head.hash, &leaf);
             self.conn
                 .prepare_cached(
-                    "INSERT INTO audit_events (chain, seq, ts_ms, principal, action, decision, token, leaf, chain_hash)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                    "INSERT INTO audit_events (chain, seq, ts_ms, principal, action, decision, token, leaf, chain_hash, order_token)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                 )?
                 .execute(params![
                     chain,
@@ -1150,7 +1174,8 @@ impl Writer {
                     event.decision.as_str(),
                     event.token,
                     leaf,
-                    &head.hash[..]
+                    &head.hash[..],
+                    event.order_token
                 ])?;
             head.next_seq += 1;
             self.heads.insert(chain.to_owned(), head);
