@@ -595,36 +595,44 @@ impl Engine {
         }
         let mut by_principal: BTreeMap<String, Acc> = BTreeMap::new();
         let mut revealed_records = BTreeSet::new();
+        // The indexed columns carry what a trace needs, so events are not
+        // decoded (a leak can touch millions); roles come from the
+        // principal table.
+        let roles: HashMap<String, String> = self
+            .store
+            .principals()
+            .await?
+            .into_iter()
+            .map(|p| (p.name, p.role))
+            .collect();
         for e in &events {
-            let Some((_, _, ev)) = audit::decode_leaf(&e.leaf) else {
-                continue;
-            };
-            if ev.action != audit::Action::Reveal
-                || !matches!(ev.decision, Decision::Allowed | Decision::Masked)
+            let allowed = e.decision == Decision::Allowed.as_str();
+            if e.action != audit::Action::Reveal.as_str()
+                || !(allowed || e.decision == Decision::Masked.as_str())
             {
                 continue;
             }
-            let Some(recs) = ev.token.as_ref().and_then(|t| token_record.get(t)) else {
+            let Some(recs) = e.token.as_ref().and_then(|t| token_record.get(t)) else {
                 continue;
             };
             let acc = by_principal
-                .entry(ev.principal.clone())
+                .entry(e.principal.clone())
                 .or_insert_with(|| Acc {
-                    role: ev.role.clone(),
+                    role: roles.get(&e.principal).cloned().unwrap_or_default(),
                     first: i64::MAX,
                     last: i64::MIN,
                     ..Default::default()
                 });
             for r in recs {
                 revealed_records.insert(*r);
-                if ev.decision == Decision::Allowed {
+                if allowed {
                     acc.plain.insert(*r);
                 } else {
                     acc.masked.insert(*r);
                 }
             }
-            acc.first = acc.first.min(ev.ts_ms);
-            acc.last = acc.last.max(ev.ts_ms);
+            acc.first = acc.first.min(e.ts_ms);
+            acc.last = acc.last.max(e.ts_ms);
         }
         let held = records.len() - report.not_held.len();
         for (i, toks) in record_tokens.iter().enumerate() {
