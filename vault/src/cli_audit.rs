@@ -16,7 +16,7 @@ use crate::cli::{DataArgs, Failure};
 use crate::evidence::{self, ExportLine};
 
 /// Where the vault is and who is asking.
-#[derive(Debug, Args, Clone)]
+#[derive(Args, Clone)]
 pub struct Conn {
     /// Vault address.
     #[arg(long, env = "ORDERVAULT_ADDR", default_value = "http://127.0.0.1:7470")]
@@ -24,6 +24,16 @@ pub struct Conn {
     /// API key of an auditor or admin principal.
     #[arg(long, env = "ORDERVAULT_API_KEY", hide_env_values = true)]
     pub api_key: String,
+}
+
+// Hand-written: the API key never reaches Debug output.
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn")
+            .field("addr", &self.addr)
+            .field("api_key", &"[redacted]")
+            .finish()
+    }
 }
 
 /// `audit` subcommands.
@@ -176,7 +186,8 @@ async fn client(conn: &Conn) -> Result<AuditServiceClient<Channel>, Failure> {
     Ok(AuditServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
 }
 
-fn request<T>(conn: &Conn, message: T) -> Result<tonic::Request<T>, Failure> {
+/// A request carrying `conn`'s API key as a sensitive bearer header.
+pub(crate) fn request<T>(conn: &Conn, message: T) -> Result<tonic::Request<T>, Failure> {
     let mut req = tonic::Request::new(message);
     let mut value: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
         format!("Bearer {}", conn.api_key)
@@ -661,6 +672,17 @@ async fn trace(conn: &Conn, file: &PathBuf, json: bool) -> Result<(), Failure> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_of_a_connection_never_shows_the_api_key() {
+        let conn = Conn {
+            addr: "http://127.0.0.1:7470".into(),
+            api_key: "ovk_secretsecretsecret".into(),
+        };
+        let printed = format!("{conn:?}");
+        assert!(!printed.contains("secretsecret"), "{printed}");
+        assert!(printed.contains("127.0.0.1:7470"));
+    }
 
     #[test]
     fn leak_files_parse_as_csv_or_json_lines() {

@@ -5,7 +5,7 @@ use ordervault_proto::v1;
 use ordervault_proto::v1::token_service_client::TokenServiceClient;
 
 use crate::cli::Failure;
-use crate::cli_audit::Conn;
+use crate::cli_audit::{Conn, request};
 
 /// `grants` subcommands.
 #[derive(Debug, Subcommand)]
@@ -67,17 +67,14 @@ pub async fn run(cmd: GrantsCommand) -> Result<(), Failure> {
                 args.conn.addr
             ))
         })?;
-    let mut req = tonic::Request::new(v1::ListGrantsRequest {
-        order_token: args.order_token.clone().unwrap_or_default(),
-        principal: args.principal.clone().unwrap_or_default(),
-        include_inactive: args.all,
-    });
-    let mut bearer: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
-        format!("Bearer {}", args.conn.api_key)
-            .parse()
-            .map_err(|_| fail("the API key is not valid ASCII"))?;
-    bearer.set_sensitive(true);
-    req.metadata_mut().insert("authorization", bearer);
+    let req = request(
+        &args.conn,
+        v1::ListGrantsRequest {
+            order_token: args.order_token.clone().unwrap_or_default(),
+            principal: args.principal.clone().unwrap_or_default(),
+            include_inactive: args.all,
+        },
+    )?;
     let grants = TokenServiceClient::new(channel)
         .list_grants(req)
         .await
