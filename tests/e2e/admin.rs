@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use ordervault::audit::{Action, Decision};
 use ordervault::engine::EngineConfig;
-use ordervault::store::Store;
 use ordervault_proto::v1;
 use ordervault_proto::v1::admin_service_client::AdminServiceClient;
 use ordervault_sdk::{Client, FieldKind, Token};

@@ -510,3 +510,156 @@ fn bench_runs_in_short_mode() {
         );
     }
 }
+
+/// The scratch database's URL with a password added: trust authentication
+/// ignores it, so the test can check it is never printed or logged.
+fn with_password(url: &str, password: &str) -> String {
+    let config: tokio_postgres::Config = url.parse().unwrap();
+    let host = match &config.get_hosts()[0] {
+        tokio_postgres::config::Host::Tcp(h) => h.clone(),
+        #[allow(unreachable_patterns)]
+        _ => panic!("the test server must be reached over TCP"),
+    };
+    format!(
+        "postgres://{}:{password}@{host}:{}/{}",
+        config.get_user().unwrap_or("postgres"),
+        config.get_ports().first().copied().unwrap_or(5432),
+        config.get_dbname().unwrap()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_nodes_on_postgres_share_data_refuse_a_duplicate_id_and_survive_sigkill() {
+    use secrecy::ExposeSecret;
+    let Some(db) = crate::support::ScratchDb::create().await else {
+        return;
+    };
+    // The server's real password when it needs one; otherwise (trust
+    // authentication ignores it) a made-up one. Either must never show.
+    let given: tokio_postgres::Config = db.url.expose_secret().parse().unwrap();
+    let (url, password) = match given.get_password() {
+        Some(p) => (
+            db.url.expose_secret().to_owned(),
+            String::from_utf8(p.to_vec()).unwrap(),
+        ),
+        None => {
+            let made_up = "pw-never-shown-4921".to_owned();
+            (with_password(db.url.expose_secret(), &made_up), made_up)
+        }
+    };
+    let (dir, data1, log) = temp();
+    let data2 = dir.path().join("data2");
+    let env1 = [
+        ("ORDERVAULT_STORAGE_URL", url.as_str()),
+        ("ORDERVAULT_NODE_ID", "node-1"),
+    ];
+    let first = Served::start(&data1, true, &log, &env1);
+    assert!(
+        !data1.join("vault.db").exists(),
+        "on PostgreSQL the data directory holds no database"
+    );
+    let (shop_key, courier_key) = (first.key("shop"), first.key("courier"));
+    let shop = first.client(&shop_key).await;
+    let order = shop.tokenize_order(&sample_order(9)).await.unwrap();
+    shop.grant(
+        "courier",
+        &order.order_token,
+        "delivery",
+        std::time::Duration::from_secs(3600),
+    )
+    .await
+    .unwrap();
+    // Killed right after the replies: what was acknowledged is in PostgreSQL.
+    first.kill9();
+
+    // A second node: a copy of the data directory, its own node id.
+    std::fs::create_dir_all(&data2).unwrap();
+    for f in ["master.key", "policy.toml"] {
+        std::fs::copy(data1.join(f), data2.join(f)).unwrap();
+    }
+    let env2 = [
+        ("ORDERVAULT_STORAGE_URL", url.as_str()),
+        ("ORDERVAULT_NODE_ID", "node-2"),
+    ];
+    let second = Served::start(&data2, false, &log, &env2);
+    let courier = second.client(&courier_key).await;
+    let revealed = courier
+        .reveal([&order.consignee.phone])
+        .purpose("delivery")
+        .await
+        .unwrap();
+    assert_eq!(revealed[0].plain(), Some("+8613910095678"));
+
+    // A third process claiming node-2 while it runs is refused.
+    let dup = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data1)
+        .envs(env2)
+        .env_remove("ORDERVAULT_MASTER_KEY")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&dup.stderr);
+    assert_eq!(dup.status.code(), Some(78), "{stderr}");
+    assert!(stderr.contains("node id \"node-2\" is in use"), "{stderr}");
+    second.terminate();
+
+    // Offline verification covers both nodes' chains.
+    let out = Command::new(BIN)
+        .args(["audit", "verify", "--data-dir"])
+        .arg(&data2)
+        .env("ORDERVAULT_STORAGE_URL", &url)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("audit chain node-1:"), "{stdout}");
+    assert!(stdout.contains("audit chain node-2:"), "{stdout}");
+
+    let logged = std::fs::read_to_string(&log).unwrap();
+    for text in [&logged, &stderr.to_string(), &stdout.to_string()] {
+        assert!(!text.contains(&password), "the database password leaked");
+    }
+    db.drop_db().await;
+}
+
+#[test]
+fn bench_runs_on_two_postgres_nodes_in_short_mode() {
+    use secrecy::ExposeSecret;
+    let Some(url) = crate::support::postgres_url() else {
+        return;
+    };
+    let out = Command::new(BIN)
+        .args([
+            "bench",
+            "--store",
+            "postgres",
+            "--nodes",
+            "2",
+            "--connections",
+            "2",
+            "--duration",
+            "300ms",
+            "--warmup",
+            "0s",
+            "--concurrency",
+            "4",
+            "--cases",
+            "ping,tokenize,reveal_100",
+            "--json",
+        ])
+        .env("ORDERVAULT_STORAGE_URL", url.expose_secret())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["store"], "postgres");
+    assert_eq!(report["nodes"], 2);
+    let results = report["results"].as_array().unwrap();
+    assert_eq!(results.len(), 3);
+    assert!(results.iter().all(|r| r["calls"].as_u64().unwrap() > 0));
+}

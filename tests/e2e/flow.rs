@@ -3,7 +3,7 @@
 
 use ordervault_sdk::{FieldKind, Revealed, Token, TokenizedOrder};
 
-use crate::support::{Vault, sample_order};
+use crate::support::{Backend, Vault, sample_order};
 
 fn by_token<'a>(fields: &'a [Revealed], token: &Token) -> &'a Revealed {
     fields
@@ -51,8 +51,19 @@ async fn checkout(vault: &Vault) -> TokenizedOrder {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn each_role_sees_what_its_policy_allows() {
-    let vault = Vault::start().await;
+async fn each_role_sees_what_its_policy_allows_on_sqlite() {
+    each_role_sees_what_its_policy_allows(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_role_sees_what_its_policy_allows_on_postgres() {
+    each_role_sees_what_its_policy_allows(Backend::Postgres).await;
+}
+
+async fn each_role_sees_what_its_policy_allows(backend: Backend) {
+    let Some(vault) = Vault::start_on(backend).await else {
+        return;
+    };
     let order = checkout(&vault).await;
     let all = order.all_tokens();
     // Optional fields were given, so every token is there.
@@ -210,8 +221,19 @@ async fn each_role_sees_what_its_policy_allows() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deterministic_kinds_give_one_token_per_normalised_value() {
-    let vault = Vault::start().await;
+async fn deterministic_kinds_give_one_token_per_normalised_value_on_sqlite() {
+    deterministic_kinds_give_one_token_per_normalised_value(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deterministic_kinds_give_one_token_per_normalised_value_on_postgres() {
+    deterministic_kinds_give_one_token_per_normalised_value(Backend::Postgres).await;
+}
+
+async fn deterministic_kinds_give_one_token_per_normalised_value(backend: Backend) {
+    let Some(vault) = Vault::start_on(backend).await else {
+        return;
+    };
     let shop = vault.client("shop").await;
     let nfc = "Jos\u{e9} N\u{fa}\u{f1}ez";
     let nfd = "Jose\u{301} Nu\u{301}n\u{303}ez";
@@ -250,17 +272,23 @@ async fn deterministic_kinds_give_one_token_per_normalised_value() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reveal_whose_audit_event_cannot_be_written_reveals_nothing() {
-    let vault = Vault::start().await;
+async fn a_reveal_whose_audit_event_cannot_be_written_reveals_nothing_on_sqlite() {
+    a_reveal_whose_audit_event_cannot_be_written_reveals_nothing(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reveal_whose_audit_event_cannot_be_written_reveals_nothing_on_postgres() {
+    a_reveal_whose_audit_event_cannot_be_written_reveals_nothing(Backend::Postgres).await;
+}
+
+async fn a_reveal_whose_audit_event_cannot_be_written_reveals_nothing(backend: Backend) {
+    let Some(vault) = Vault::start_on(backend).await else {
+        return;
+    };
     let order = checkout(&vault).await;
     let before = vault.audit().await.len();
     // The audit table refuses writes, as a full disk or a broken database would.
-    vault
-        .sql()
-        .execute_batch(
-            "CREATE TRIGGER no_audit BEFORE INSERT ON audit_events BEGIN SELECT RAISE(ABORT, 'audit log unavailable'); END;",
-        )
-        .unwrap();
+    vault.break_audit().await;
     let err = vault
         .client("courier")
         .await
@@ -271,7 +299,7 @@ async fn a_reveal_whose_audit_event_cannot_be_written_reveals_nothing() {
     assert_eq!(err.code(), Some(tonic::Code::Unavailable));
     assert!(err.to_string().contains("nothing was revealed"), "{err}");
     assert!(!err.to_string().contains("5678"));
-    vault.sql().execute_batch("DROP TRIGGER no_audit").unwrap();
+    vault.mend_audit().await;
     assert_eq!(vault.audit().await.len(), before, "no event half-written");
     // With the log back, the same reveal works and is audited.
     let ok = vault
@@ -287,8 +315,19 @@ async fn a_reveal_whose_audit_event_cannot_be_written_reveals_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_requests_share_group_commits_and_all_land() {
-    let vault = Vault::start().await;
+async fn concurrent_requests_share_group_commits_and_all_land_on_sqlite() {
+    concurrent_requests_share_group_commits_and_all_land(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_share_group_commits_and_all_land_on_postgres() {
+    concurrent_requests_share_group_commits_and_all_land(Backend::Postgres).await;
+}
+
+async fn concurrent_requests_share_group_commits_and_all_land(backend: Backend) {
+    let Some(vault) = Vault::start_on(backend).await else {
+        return;
+    };
     let shop = vault.client("shop").await;
     let mut tasks = Vec::new();
     for i in 0..64u32 {

@@ -10,5 +10,6 @@ mod audit;
 mod bad_input;
 mod binary;
 mod flow;
+mod postgres;
 mod stories;
 mod support;

@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use ordervault::engine::{Clock, Engine, EngineConfig, Principal, SystemClock};
-use ordervault::setup::{self, DEMO_ROLES, Layout};
+use ordervault::setup::{self, DEMO_ROLES, Layout, Storage};
 use ordervault::store::Store;
-use ordervault::store::sqlite::SqliteStore;
+use ordervault::store::postgres;
 use ordervault_sdk::{Client, Consignee, LineItem, Order};
-use secrecy::ExposeSecret;
+use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::oneshot;
 
 /// A clock the tests move by hand; starts at the real time.
@@ -30,20 +30,131 @@ impl Clock for TestClock {
     }
 }
 
+/// Environment variable naming a PostgreSQL server for the tests.
+pub const POSTGRES_ENV: &str = "ORDERVAULT_TEST_POSTGRES_URL";
+
+/// The PostgreSQL server the tests may use, or `None` (after saying how to
+/// enable them) when none is configured.
+pub fn postgres_url() -> Option<SecretString> {
+    match std::env::var(POSTGRES_ENV) {
+        Ok(url) if !url.is_empty() => Some(SecretString::from(url)),
+        _ => {
+            eprintln!(
+                "skipped: PostgreSQL tests need {POSTGRES_ENV}=postgres://postgres@127.0.0.1:5432/postgres (any database; each test creates its own)"
+            );
+            None
+        }
+    }
+}
+
+/// A database of its own for one test, dropped when the test stops it.
+pub struct ScratchDb {
+    pub base: SecretString,
+    pub url: SecretString,
+}
+
+impl ScratchDb {
+    /// A fresh database on the configured server, or `None` when there is
+    /// no server configured.
+    pub async fn create() -> Option<ScratchDb> {
+        let base = postgres_url()?;
+        let url = postgres::create_scratch_database(&base).await.unwrap();
+        Some(ScratchDb { base, url })
+    }
+
+    /// A side connection, as a test or an attacker would open one.
+    pub async fn sql(&self) -> tokio_postgres::Client {
+        let (client, conn) =
+            tokio_postgres::connect(self.url.expose_secret(), tokio_postgres::NoTls)
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        client
+    }
+
+    pub async fn drop_db(self) {
+        postgres::drop_scratch_database(&self.base, &self.url)
+            .await
+            .unwrap();
+    }
+}
+
+/// Which store a test's vault runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
 /// A running vault on loopback.
 pub struct Vault {
     pub dir: tempfile::TempDir,
     pub addr: SocketAddr,
     pub keys: HashMap<String, String>,
     pub engine: Arc<Engine>,
-    pub store: Arc<SqliteStore>,
+    pub store: Arc<dyn Store>,
     pub clock: Arc<TestClock>,
+    pub scratch: Option<Arc<ScratchDb>>,
     config: EngineConfig,
     stop: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Vault {
+    /// A fresh vault on `backend`; `None` when PostgreSQL is asked for and
+    /// not configured (the test then skips).
+    pub async fn start_on(backend: Backend) -> Option<Vault> {
+        match backend {
+            Backend::Sqlite => Some(Vault::start().await),
+            Backend::Postgres => {
+                let scratch = Arc::new(ScratchDb::create().await?);
+                Some(Vault::start_pg(scratch, EngineConfig::default()).await)
+            }
+        }
+    }
+
+    /// A node on a PostgreSQL database, initialising it if it is empty. Nodes
+    /// started on the same database share its keys, principals and policy;
+    /// each needs its own `config.chain`.
+    pub async fn start_pg(scratch: Arc<ScratchDb>, config: EngineConfig) -> Vault {
+        Vault::start_pg_with_keys(scratch, config, None).await
+    }
+
+    /// Like `start_pg`; a later node reuses the first node's master key and
+    /// API keys (`first`).
+    pub async fn start_pg_with_keys(
+        scratch: Arc<ScratchDb>,
+        config: EngineConfig,
+        first: Option<&Vault>,
+    ) -> Vault {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::Postgres(scratch.url.clone());
+        let layout = Layout::with_storage(dir.path().join("data"), storage);
+        let keys = match first {
+            None => {
+                let created = setup::init(&layout, &DEMO_ROLES, &config.chain, &SystemClock)
+                    .await
+                    .unwrap();
+                created
+                    .iter()
+                    .map(|p| (p.name.clone(), p.api_key.expose_secret().to_owned()))
+                    .collect()
+            }
+            Some(first) => {
+                // A second node: the same master key and policy file.
+                std::fs::create_dir_all(layout.dir.clone()).unwrap();
+                for f in [setup::MASTER_KEY_FILE, setup::POLICY_FILE] {
+                    std::fs::copy(first.data_dir().join(f), layout.dir.join(f)).unwrap();
+                }
+                first.keys.clone()
+            }
+        };
+        let clock = Arc::new(TestClock(AtomicI64::new(SystemClock.now_ms())));
+        let mut vault = Vault::serve_layout(dir, layout, keys, clock, config).await;
+        vault.scratch = Some(scratch);
+        vault
+    }
+
     /// Initialises a fresh data dir with the demo principals and serves it.
     pub async fn start() -> Vault {
         Vault::start_with(EngineConfig::default()).await
@@ -78,6 +189,16 @@ impl Vault {
         config: EngineConfig,
     ) -> Vault {
         let layout = Layout::new(dir.path().join("data"));
+        Vault::serve_layout(dir, layout, keys, clock, config).await
+    }
+
+    async fn serve_layout(
+        dir: tempfile::TempDir,
+        layout: Layout,
+        keys: HashMap<String, String>,
+        clock: Arc<TestClock>,
+        config: EngineConfig,
+    ) -> Vault {
         let (engine, store) = setup::open(&layout, clock.clone(), config.clone())
             .await
             .unwrap();
@@ -102,6 +223,7 @@ impl Vault {
             engine,
             store,
             clock,
+            scratch: None,
             config,
             stop: Some(stop),
             server: Some(server),
@@ -110,10 +232,57 @@ impl Vault {
 
     /// Stops the server and starts a new one on the same data directory,
     /// as a process restart would (in-memory state is gone).
-    pub async fn restart(self) -> Vault {
+    pub async fn restart(mut self) -> Vault {
         let (keys, clock, config) = (self.keys.clone(), self.clock.clone(), self.config.clone());
+        let scratch = self.scratch.take();
+        let layout = self.layout();
         let dir = self.stop().await;
-        Vault::serve(dir, keys, clock, config).await
+        let mut vault = Vault::serve_layout(dir, layout, keys, clock, config).await;
+        vault.scratch = scratch;
+        vault
+    }
+
+    /// Where this vault lives.
+    pub fn layout(&self) -> Layout {
+        match &self.scratch {
+            Some(s) => Layout::with_storage(self.data_dir(), Storage::Postgres(s.url.clone())),
+            None => Layout::new(self.data_dir()),
+        }
+    }
+
+    /// Makes every audit write fail, as a full disk or a broken database
+    /// would; `mend_audit` undoes it.
+    pub async fn break_audit(&self) {
+        match &self.scratch {
+            None => self
+                .sql()
+                .execute_batch(
+                    "CREATE TRIGGER no_audit BEFORE INSERT ON audit_events BEGIN SELECT RAISE(ABORT, 'audit log unavailable'); END;",
+                )
+                .unwrap(),
+            Some(db) => db
+                .sql()
+                .await
+                .batch_execute(
+                    "CREATE FUNCTION no_audit() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'audit log unavailable'; END $$ LANGUAGE plpgsql;
+                     CREATE TRIGGER no_audit BEFORE INSERT ON audit_events FOR EACH ROW EXECUTE FUNCTION no_audit();",
+                )
+                .await
+                .unwrap(),
+        }
+    }
+
+    /// Undoes `break_audit`.
+    pub async fn mend_audit(&self) {
+        match &self.scratch {
+            None => self.sql().execute_batch("DROP TRIGGER no_audit").unwrap(),
+            Some(db) => db
+                .sql()
+                .await
+                .batch_execute("DROP TRIGGER no_audit ON audit_events; DROP FUNCTION no_audit();")
+                .await
+                .unwrap(),
+        }
     }
 
     /// Creates a principal through the engine, as the admin would; returns its key.
@@ -194,7 +363,8 @@ impl Vault {
     }
 
     /// Stops the server and closes the store; returns the temporary
-    /// directory so the caller can keep inspecting the files.
+    /// directory so the caller can keep inspecting the files. The last node
+    /// of a scratch PostgreSQL database drops it.
     pub async fn stop(mut self) -> tempfile::TempDir {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
@@ -202,7 +372,10 @@ impl Vault {
         if let Some(h) = self.server.take() {
             h.await.unwrap();
         }
-        self.store.close();
+        self.store.close().await;
+        if let Some(db) = self.scratch.take().and_then(Arc::into_inner) {
+            db.drop_db().await;
+        }
         self.dir
     }
 

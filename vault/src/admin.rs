@@ -204,6 +204,16 @@ impl Engine {
         if current.primary().version() != version {
             return Ok(());
         }
+        // Another node may have rotated already (this keyring is refreshed
+        // every few seconds): rotate only what is still the stored primary.
+        let stored = self.store.key_versions().await?;
+        if !stored
+            .iter()
+            .any(|k| k.version == version && k.state == state::PRIMARY)
+        {
+            drop(current);
+            return self.reload_keyring().await;
+        }
         let algorithm = current.primary().algorithm();
         drop(current);
         let new = self
@@ -214,6 +224,47 @@ impl Engine {
             version = new,
             "data key near its encryption cap: rotated"
         );
+        Ok(())
+    }
+
+    /// Re-reads what other nodes of a shared store may have changed: key
+    /// versions (a rotation through another node), principals (a
+    /// revocation) and the stored policy. The server calls it every
+    /// [`crate::server::SHARED_STATE_REFRESH`].
+    pub async fn refresh_shared_state(&self) -> Result<(), VaultError> {
+        let stored = self.store.key_versions().await?;
+        let current = read(&self.keyring);
+        let primary = stored
+            .iter()
+            .find(|k| k.state == state::PRIMARY)
+            .map(|k| k.version);
+        let changed = primary != Some(current.primary().version())
+            || stored
+                .iter()
+                .any(|k| (k.state == state::RETIRED) == current.version(k.version).is_some());
+        drop(current);
+        if changed {
+            let _admin = self.key_admin.lock().await;
+            self.reload_keyring().await?;
+            info!("key versions changed on another node: keyring reloaded");
+        }
+        self.reload_principals().await?;
+        let nodes = self.store.live_nodes().await?;
+        self.live_nodes
+            .store(nodes, std::sync::atomic::Ordering::Relaxed);
+        let _gate = self.policy_gate.lock().await;
+        if let Some(text) = self.store.meta(crate::engine::META_POLICY).await? {
+            let text = String::from_utf8_lossy(&text);
+            let policy = Policy::parse(&text)
+                .map_err(|e| VaultError::Internal(format!("the stored policy is invalid: {e}")))?;
+            if policy.hash_hex() != self.policy().hash_hex() {
+                info!(policy = %&policy.hash_hex()[..16], "policy changed on another node: now in force");
+                match self.policy.write() {
+                    Ok(mut g) => *g = Arc::new(policy),
+                    Err(poisoned) => *poisoned.into_inner() = Arc::new(policy),
+                }
+            }
+        }
         Ok(())
     }
 
@@ -586,14 +637,21 @@ impl Engine {
                 "this vault was started without a policy file to reload".into(),
             )
         })?;
+        let _gate = self.policy_gate.lock().await;
         let old = self.policy().hash_hex();
-        let policy = match Policy::load(&path) {
-            Ok(p) => p,
-            Err(e) => {
+        // Read once: what is published is exactly what was checked.
+        let read = std::fs::read_to_string(&path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()));
+        let (text, policy) = match read.and_then(|t| match Policy::parse(&t) {
+            Ok(p) => Ok((t, p)),
+            Err(e) => Err(e.to_string()),
+        }) {
+            Ok(parsed) => parsed,
+            Err(why) => {
                 self.audit_admin(actor, Decision::Denied, "policy_reload_rejected".to_owned())
                     .await?;
                 return Err(VaultError::FailedPrecondition(format!(
-                    "{e}; the policy in force is unchanged"
+                    "{why}; the policy in force is unchanged"
                 )));
             }
         };
@@ -601,6 +659,15 @@ impl Engine {
             policy_hash: policy.hash_hex(),
             roles: policy.roles().map(|r| r.name().to_owned()).collect(),
         };
+        if self.store.shared() {
+            // Published to every node sharing the store.
+            self.store
+                .commit(WriteBatch {
+                    meta: vec![(crate::engine::META_POLICY.into(), text.into_bytes())],
+                    ..Default::default()
+                })
+                .await?;
+        }
         match self.policy.write() {
             Ok(mut g) => *g = Arc::new(policy),
             Err(poisoned) => *poisoned.into_inner() = Arc::new(policy),
@@ -622,7 +689,7 @@ impl Engine {
         let head = self.store.chain_head(&self.config.chain).await?;
         Ok(VaultStatus {
             version: env!("CARGO_PKG_VERSION"),
-            storage_backend: "sqlite",
+            storage_backend: self.store.backend(),
             storage_bytes: self.store.storage_bytes().await?,
             keys: self.key_statuses().await?,
             tokens: self.store.token_count().await?,

@@ -50,6 +50,7 @@ use std::time::{Duration, Instant};
 
 use ordervault_proto::v1;
 use ordervault_proto::v1::token_service_client::TokenServiceClient;
+use secrecy::{ExposeSecret, SecretString};
 use tokio::task::JoinSet;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
@@ -94,9 +95,25 @@ pub struct BenchArgs {
     /// with several in flight (half phone numbers, half addresses).
     #[arg(long, default_value_t = 0)]
     pub preload: u64,
-    /// Storage backend of the measured vault; only `sqlite` for now.
+    /// Storage backend of the measured vault: `sqlite` (a file in a scratch
+    /// directory) or `postgres` (a scratch database on the server `--url`
+    /// names, dropped afterwards).
     #[arg(long, default_value = "sqlite", value_parser = parse_store)]
     pub store: StoreBackend,
+    /// With `--store postgres`: the PostgreSQL server, as
+    /// `postgres://user[:password]@host[:port]/db` (any existing database;
+    /// the bench creates its own beside it).
+    #[arg(
+        long,
+        env = "ORDERVAULT_STORAGE_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub url: Option<SecretString>,
+    /// With `--store postgres`: vault nodes to start on the one database;
+    /// connections are spread over them.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=8))]
+    pub nodes: u32,
     /// Cases to run, comma-separated.
     #[arg(
         long,
@@ -126,12 +143,15 @@ pub struct BenchArgs {
 pub enum StoreBackend {
     /// The embedded SQLite store in the data directory.
     Sqlite,
+    /// A PostgreSQL database.
+    Postgres,
 }
 
 impl StoreBackend {
     fn as_str(self) -> &'static str {
         match self {
             StoreBackend::Sqlite => "sqlite",
+            StoreBackend::Postgres => "postgres",
         }
     }
 }
@@ -208,12 +228,9 @@ fn parse_warmup_flag(s: &str) -> Result<Duration, String> {
 fn parse_store(s: &str) -> Result<StoreBackend, String> {
     match s {
         "sqlite" => Ok(StoreBackend::Sqlite),
-        "postgres" | "postgresql" => Err(
-            "the Postgres store is not available yet; only `sqlite` can be benchmarked for now"
-                .into(),
-        ),
+        "postgres" | "postgresql" => Ok(StoreBackend::Postgres),
         other => Err(format!(
-            "unknown store {other:?}; the only store is `sqlite`"
+            "unknown store {other:?}; use `sqlite` or `postgres`"
         )),
     }
 }
@@ -221,21 +238,55 @@ fn parse_store(s: &str) -> Result<StoreBackend, String> {
 /// Runs the bench: starts a vault, preloads, measures every case at every
 /// concurrency level, prints the table (or JSON), and stops the vault.
 pub async fn run(args: BenchArgs) -> Result<(), Failure> {
-    // Only SQLite exists; the match makes adding a backend a compile error here.
-    match args.store {
-        StoreBackend::Sqlite => {}
-    }
+    let database = match (args.store, &args.url) {
+        (StoreBackend::Sqlite, _) if args.nodes > 1 => {
+            return Err(Failure {
+                code: crate::cli::EXIT_USAGE,
+                message: "--nodes needs --store postgres: nodes share one database".into(),
+            });
+        }
+        (StoreBackend::Sqlite, _) => None,
+        (StoreBackend::Postgres, None) => {
+            return Err(Failure {
+                code: crate::cli::EXIT_USAGE,
+                message: "--store postgres needs --url postgres://user@host:port/db (or ORDERVAULT_STORAGE_URL)".into(),
+            });
+        }
+        (StoreBackend::Postgres, Some(url)) => {
+            let scratch = crate::store::postgres::create_scratch_database(url)
+                .await
+                .map_err(|e| fail(format!("cannot create a scratch database: {e}")))?;
+            Some((url.clone(), scratch))
+        }
+    };
     let progress = Progress::new();
     progress.note("starting a development vault");
     // Dropped in reverse order: the server is stopped before its directory
     // is removed, on every path out of this function.
     let scratch = ScratchDir::create()?;
-    let server = {
+    let started = {
         let dir = scratch.path().to_owned();
-        tokio::task::spawn_blocking(move || Server::start(&dir))
+        let storage = database.as_ref().map(|(_, s)| s.clone());
+        let nodes = args.nodes;
+        tokio::task::spawn_blocking(move || Server::start(&dir, storage.as_ref(), nodes))
             .await
-            .map_err(|e| fail(format!("the start-up task failed: {e}")))??
+            .map_err(|e| fail(format!("the start-up task failed: {e}")))
+            .and_then(|r| r)
     };
+    let server = match started {
+        Ok(server) => server,
+        Err(e) => {
+            drop_database(database).await;
+            return Err(e);
+        }
+    };
+    if database.is_some()
+        && let Err(e) = server.publish_policy().await
+    {
+        drop(server);
+        drop_database(database).await;
+        return Err(e);
+    }
     // Either the token cases or, with --audit-events, the audit cases.
     enum Outcome {
         Cases(Report),
@@ -260,6 +311,7 @@ pub async fn run(args: BenchArgs) -> Result<(), Failure> {
     progress.clear();
     drop(server);
     drop(scratch);
+    drop_database(database).await;
     let report = match outcome? {
         Outcome::Cases(report) => report,
         Outcome::Audit(audit) => {
@@ -286,8 +338,8 @@ pub async fn run(args: BenchArgs) -> Result<(), Failure> {
 
 async fn bench(args: &BenchArgs, server: &Server, progress: &Progress) -> Result<Report, Failure> {
     let mut clients = Vec::with_capacity(args.connections as usize);
-    for _ in 0..args.connections {
-        clients.push(server.connect().await?);
+    for i in 0..args.connections.max(server.urls.len() as u32) {
+        clients.push(server.connect(i as usize).await?);
     }
     let mut ctx = Arc::new(Ctx {
         shop: server.shop.clone(),
@@ -329,7 +381,7 @@ async fn bench(args: &BenchArgs, server: &Server, progress: &Progress) -> Result
             let load = Load {
                 clients: &clients,
                 ctx: &ctx,
-                server_pid: server.pid,
+                server_pids: &server.pids,
             };
             let m = measure(case, c, args, &load, &step, progress).await?;
             results.push(m);
@@ -339,6 +391,7 @@ async fn bench(args: &BenchArgs, server: &Server, progress: &Progress) -> Result
     Ok(Report {
         version: env!("CARGO_PKG_VERSION"),
         store: args.store.as_str(),
+        nodes: server.pids.len(),
         cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
         duration_s: args.duration.as_secs_f64(),
         warmup_s: args.warmup.as_secs_f64(),
@@ -403,15 +456,30 @@ impl Drop for ServerProcess {
     }
 }
 
-/// A running `ordervault serve --dev` and the keys it printed.
+/// Drops the bench's scratch PostgreSQL database, if it made one.
+async fn drop_database(database: Option<(SecretString, SecretString)>) {
+    if let Some((url, scratch)) = database
+        && let Err(e) = crate::store::postgres::drop_scratch_database(&url, &scratch).await
+    {
+        eprintln!("ordervault bench: could not drop its scratch database: {e}");
+    }
+}
+
+/// The running vault nodes (`ordervault serve`) and the keys printed when
+/// the first initialised the vault.
 pub(crate) struct Server {
-    // Held only to kill the vault when the bench ends.
-    _process: ServerProcess,
+    // Held only to kill the vaults when the bench ends.
+    _processes: Vec<ServerProcess>,
+    /// The first node's pid and address.
     pub(crate) pid: u32,
     pub(crate) url: String,
+    /// Every node's.
+    pub(crate) pids: Vec<u32>,
+    pub(crate) urls: Vec<String>,
     pub(crate) shop: MetadataValue<Ascii>,
     pub(crate) courier: MetadataValue<Ascii>,
     pub(crate) auditor: MetadataValue<Ascii>,
+    admin: MetadataValue<Ascii>,
 }
 
 impl Server {
@@ -419,8 +487,8 @@ impl Server {
     /// `serve --dev` initialises the data directory and prints the API keys,
     /// then, with the policy's limits lifted (see [`relax_policy`]), a
     /// second `serve` on the same directory is the one measured.
-    fn start(dir: &Path) -> Result<Server, Failure> {
-        let (first, _, banner) = spawn_vault(dir, true)?;
+    fn start(dir: &Path, storage: Option<&SecretString>, nodes: u32) -> Result<Server, Failure> {
+        let (first, _, banner) = spawn_vault(dir, true, storage, "node-1")?;
         let bearer = |principal: &str| -> Result<MetadataValue<Ascii>, Failure> {
             let key = banner_key(&banner, principal).ok_or_else(|| {
                 fail(format!(
@@ -438,6 +506,7 @@ impl Server {
         let shop = bearer("shop")?;
         let courier = bearer("courier")?;
         let auditor = bearer("auditor")?;
+        let admin = bearer("admin")?;
         // Every acknowledged write of the initialisation is durable, so a
         // SIGKILL loses nothing.
         drop(first);
@@ -446,16 +515,49 @@ impl Server {
             .map_err(|e| fail(format!("cannot read {}: {e}", policy.display())))?;
         std::fs::write(&policy, relax_policy(&text))
             .map_err(|e| fail(format!("cannot write {}: {e}", policy.display())))?;
-        let (process, addr, _) = spawn_vault(dir, false)?;
-        let pid = process.0.id();
+        // Nodes of a shared database share the data directory too: it holds
+        // only the master key and the policy file.
+        let (mut processes, mut pids, mut urls) = (Vec::new(), Vec::new(), Vec::new());
+        for n in 1..=nodes {
+            let (process, addr, _) = spawn_vault(dir, false, storage, &format!("node-{n}"))?;
+            pids.push(process.0.id());
+            urls.push(format!("http://{addr}"));
+            processes.push(process);
+        }
         Ok(Server {
-            _process: process,
-            pid,
-            url: format!("http://{addr}"),
+            _processes: processes,
+            pid: pids[0],
+            url: urls[0].clone(),
+            pids,
+            urls,
             shop,
             courier,
             auditor,
+            admin,
         })
+    }
+
+    /// On a shared database the policy in force is the stored one: makes
+    /// every node publish and apply the relaxed policy file.
+    async fn publish_policy(&self) -> Result<(), Failure> {
+        for url in &self.urls {
+            let channel = Endpoint::from_shared(url.clone())
+                .map_err(|e| fail(format!("bad vault address {url}: {e}")))?
+                .connect()
+                .await
+                .map_err(|e| fail(format!("cannot connect to the vault at {url}: {e}")))?;
+            let mut admin =
+                ordervault_proto::v1::admin_service_client::AdminServiceClient::new(channel);
+            let mut request = tonic::Request::new(ordervault_proto::v1::ReloadPolicyRequest {});
+            request
+                .metadata_mut()
+                .insert("authorization", self.admin.clone());
+            admin
+                .reload_policy(request)
+                .await
+                .map_err(|e| fail(format!("cannot publish the bench policy: {}", e.message())))?;
+        }
+        Ok(())
     }
 
     pub(crate) async fn channel(&self) -> Result<Channel, Failure> {
@@ -468,14 +570,16 @@ impl Server {
             .map_err(|e| fail(format!("cannot connect to the vault at {}: {e}", self.url)))
     }
 
-    async fn connect(&self) -> Result<TokenServiceClient<Channel>, Failure> {
-        let channel = Endpoint::from_shared(self.url.clone())
-            .map_err(|e| fail(format!("bad vault address {}: {e}", self.url)))?
+    /// A connection to node `i % nodes`.
+    async fn connect(&self, i: usize) -> Result<TokenServiceClient<Channel>, Failure> {
+        let url = &self.urls[i % self.urls.len()];
+        let channel = Endpoint::from_shared(url.clone())
+            .map_err(|e| fail(format!("bad vault address {url}: {e}")))?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
             .connect()
             .await
-            .map_err(|e| fail(format!("cannot connect to the vault at {}: {e}", self.url)))?;
+            .map_err(|e| fail(format!("cannot connect to the vault at {url}: {e}")))?;
         Ok(TokenServiceClient::new(channel))
     }
 }
@@ -495,6 +599,8 @@ impl std::fmt::Debug for Server {
 fn spawn_vault(
     dir: &Path,
     dev: bool,
+    storage: Option<&SecretString>,
+    node_id: &str,
 ) -> Result<(ServerProcess, String, Vec<Zeroizing<String>>), Failure> {
     let exe = std::env::current_exe()
         .map_err(|e| fail(format!("cannot find this executable to start a vault: {e}")))?;
@@ -505,10 +611,15 @@ fn spawn_vault(
         .open(&log)
         .map_err(|e| fail(format!("cannot create {}: {e}", log.display())))?;
     let mut command = Command::new(exe);
-    command.arg("serve");
+    command.arg("serve").args(["--node-id", node_id]);
     if dev {
         command.arg("--dev");
     }
+    // In the environment, not the arguments: the URL may hold a password.
+    match storage {
+        Some(url) => command.env(crate::setup::STORAGE_URL_ENV, url.expose_secret()),
+        None => command.env_remove(crate::setup::STORAGE_URL_ENV),
+    };
     let child = command
         .arg("--data-dir")
         .arg(dir.join("data"))
@@ -632,6 +743,29 @@ fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
     };
     let ticks = parse_cpu_ticks(&std::fs::read_to_string(path).ok()?)?;
     Some(ticks as f64 / CLOCK_TICKS_PER_SECOND)
+}
+
+/// CPU time of every local `postgres` process (the database server of a
+/// `--store postgres` run on this machine); `None` when none runs here.
+fn database_cpu_seconds() -> Option<f64> {
+    let mut ticks = 0u64;
+    let mut found = false;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let name = entry.file_name();
+        if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        if stat.contains("(postgres)")
+            && let Some(t) = parse_cpu_ticks(&stat)
+        {
+            ticks += t;
+            found = true;
+        }
+    }
+    found.then(|| ticks as f64 / CLOCK_TICKS_PER_SECOND)
 }
 
 fn peak_rss_mib(pid: u32) -> Option<f64> {
@@ -968,7 +1102,10 @@ struct Measurement {
     /// The load generator's own CPU time: on a small machine it competes
     /// with the server for the same cores.
     client_cpu_s_per_1k_calls: Option<f64>,
-    /// The server's peak resident set so far (`VmHWM`).
+    /// The local database server's CPU time (every `postgres` process),
+    /// when one runs on this machine.
+    db_cpu_s_per_1k_calls: Option<f64>,
+    /// The server's peak resident set so far (`VmHWM`; the largest node's).
     server_peak_rss_mib: Option<f64>,
     /// calls/s over ping's calls/s at the same concurrency.
     vs_ping: Option<f64>,
@@ -1014,7 +1151,7 @@ async fn worker(
 struct Load<'a> {
     clients: &'a [TokenServiceClient<Channel>],
     ctx: &'a Arc<Ctx>,
-    server_pid: u32,
+    server_pids: &'a [u32],
 }
 
 async fn measure(
@@ -1035,8 +1172,15 @@ async fn measure(
     let Load {
         clients,
         ctx,
-        server_pid,
+        server_pids,
     } = *load;
+    // Every node's CPU, and the database server's when it runs here.
+    let server_cpu = || -> Option<f64> {
+        server_pids
+            .iter()
+            .map(|p| cpu_seconds(Some(*p)))
+            .sum::<Option<f64>>()
+    };
     progress.note(step);
     let mut workers = JoinSet::new();
     for w in 0..concurrency as usize {
@@ -1060,7 +1204,7 @@ async fn measure(
     loop {
         let now = Instant::now();
         if before.is_none() && now >= window.start {
-            before = Some((cpu_seconds(Some(server_pid)), cpu_seconds(None)));
+            before = Some((server_cpu(), cpu_seconds(None), database_cpu_seconds()));
         }
         if now >= window.end || stop.load(Ordering::Relaxed) {
             break;
@@ -1090,7 +1234,7 @@ async fn measure(
             ));
         }
     }
-    let after = (cpu_seconds(Some(server_pid)), cpu_seconds(None));
+    let after = (server_cpu(), cpu_seconds(None), database_cpu_seconds());
     let mut latencies = Vec::new();
     while let Some(joined) = workers.join_next().await {
         match joined {
@@ -1110,7 +1254,7 @@ async fn measure(
         let spent = after? - before?;
         (calls > 0).then(|| spent * 1000.0 / calls as f64)
     };
-    let (server_before, client_before) = before.unwrap_or((None, None));
+    let (server_before, client_before, db_before) = before.unwrap_or((None, None, None));
     let ms = |q: f64| percentile(&latencies, q).map(|us| f64::from(us) / 1000.0);
     let fields = case.fields_per_call();
     Ok(Measurement {
@@ -1125,7 +1269,11 @@ async fn measure(
         p999_ms: ms(0.999),
         server_cpu_s_per_1k_calls: per_1k(server_before, after.0),
         client_cpu_s_per_1k_calls: per_1k(client_before, after.1),
-        server_peak_rss_mib: peak_rss_mib(server_pid),
+        db_cpu_s_per_1k_calls: per_1k(db_before, after.2).filter(|s| *s > 0.0),
+        server_peak_rss_mib: server_pids
+            .iter()
+            .filter_map(|p| peak_rss_mib(*p))
+            .reduce(f64::max),
         vs_ping: None,
     })
 }
@@ -1163,6 +1311,7 @@ fn compare_with_ping(results: &mut [Measurement]) {
 struct Report {
     version: &'static str,
     store: &'static str,
+    nodes: usize,
     cpus: usize,
     duration_s: f64,
     warmup_s: f64,
@@ -1179,8 +1328,18 @@ fn render_text(report: &Report) -> String {
     let plural = if report.connections == 1 { "" } else { "s" };
     let _ = writeln!(
         out,
-        "ordervault {} bench: {} store, {} CPUs shared by the vault and the load generator, {} HTTP/2 connection{plural}",
-        report.version, report.store, report.cpus, report.connections
+        "ordervault {} bench: {} store, {} node{}, {} CPUs shared by the vault, {} the load generator, {} HTTP/2 connection{plural}",
+        report.version,
+        report.store,
+        report.nodes,
+        if report.nodes == 1 { "" } else { "s" },
+        report.cpus,
+        if report.store == "postgres" {
+            "the database and"
+        } else {
+            "and"
+        },
+        report.connections
     );
     let _ = writeln!(
         out,
@@ -1200,7 +1359,7 @@ fn render_text(report: &Report) -> String {
 }
 
 fn render_table(results: &[Measurement]) -> String {
-    const HEADER: [&str; 10] = [
+    const HEADER: [&str; 11] = [
         "case",
         "conc",
         "calls/s",
@@ -1209,6 +1368,7 @@ fn render_table(results: &[Measurement]) -> String {
         "p99 ms",
         "p999 ms",
         "srv CPU s/1k calls",
+        "db CPU s/1k calls",
         "srv peak RSS MiB",
         "vs ping",
     ];
@@ -1216,7 +1376,7 @@ fn render_table(results: &[Measurement]) -> String {
         Some(v) => format!("{v:.decimals$}"),
         None => "-".to_owned(),
     };
-    let rows: Vec<[String; 10]> = results
+    let rows: Vec<[String; 11]> = results
         .iter()
         .map(|m| {
             [
@@ -1228,6 +1388,7 @@ fn render_table(results: &[Measurement]) -> String {
                 num(m.p99_ms, 2),
                 num(m.p999_ms, 2),
                 num(m.server_cpu_s_per_1k_calls, 3),
+                num(m.db_cpu_s_per_1k_calls, 3),
                 num(m.server_peak_rss_mib, 1),
                 num(m.vs_ping, 3),
             ]
@@ -1390,24 +1551,13 @@ mod tests {
     }
 
     #[test]
-    fn only_sqlite_is_accepted() {
+    fn sqlite_and_postgres_are_the_stores() {
         assert_eq!(parse_store("sqlite"), Ok(StoreBackend::Sqlite));
-        assert_eq!(
-            parse_store("postgres"),
-            Err(
-                "the Postgres store is not available yet; only `sqlite` can be benchmarked for now"
-                    .to_owned()
-            )
-        );
+        assert_eq!(parse_store("postgres"), Ok(StoreBackend::Postgres));
+        assert_eq!(parse_store("postgresql"), Ok(StoreBackend::Postgres));
         assert_eq!(
             parse_store("mysql"),
-            Err("unknown store \"mysql\"; the only store is `sqlite`".to_owned())
-        );
-        let e = parse(&["--store", "postgres"]).expect_err("postgres is refused");
-        assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation);
-        assert!(
-            e.to_string()
-                .contains("the Postgres store is not available yet")
+            Err("unknown store \"mysql\"; use `sqlite` or `postgres`".to_owned())
         );
     }
 
@@ -1598,6 +1748,7 @@ reveal = { name = \"masked\", phone = \"plain\" }
             p999_ms: Some(12.345),
             server_cpu_s_per_1k_calls: Some(0.1234),
             client_cpu_s_per_1k_calls: Some(0.05),
+            db_cpu_s_per_1k_calls: None,
             server_peak_rss_mib: Some(40.25),
             vs_ping: None,
         }
@@ -1623,9 +1774,9 @@ reveal = { name = \"masked\", phone = \"plain\" }
         r[1].p50_ms = None;
         compare_with_ping(&mut r);
         let expected = "\
-case          conc  calls/s  fields/s  p50 ms  p99 ms  p999 ms  srv CPU s/1k calls  srv peak RSS MiB  vs ping
-ping             1     1000         -    0.25    1.50    12.35               0.123              40.2    1.000
-tokenize_100    64      123     12340       -    1.50    12.35               0.123              40.2        -
+case          conc  calls/s  fields/s  p50 ms  p99 ms  p999 ms  srv CPU s/1k calls  db CPU s/1k calls  srv peak RSS MiB  vs ping
+ping             1     1000         -    0.25    1.50    12.35               0.123                  -              40.2    1.000
+tokenize_100    64      123     12340       -    1.50    12.35               0.123                  -              40.2        -
 ";
         assert_eq!(render_table(&r), expected);
     }

@@ -13,7 +13,6 @@ use secrecy::ExposeSecret;
 use crate::audit::Verifier;
 use crate::engine::{DEFAULT_ENCRYPTION_CAP, EngineConfig, SystemClock};
 use crate::setup::{self, CreatedPrincipal, DirState, Layout, SetupError};
-use crate::store::Store;
 
 /// Exit code for a usage error (sysexits EX_USAGE).
 pub const EXIT_USAGE: i32 = 64;
@@ -65,9 +64,29 @@ pub struct DataArgs {
     /// Data directory (master key, policy, database).
     #[arg(long, env = "ORDERVAULT_DATA_DIR", default_value = "./ordervault-data")]
     pub data_dir: PathBuf,
-    /// This node's id, naming its audit chain.
+    /// This node's id, naming its audit chain; unique among the nodes
+    /// sharing a database.
     #[arg(long, env = "ORDERVAULT_NODE_ID", default_value = "node-1")]
     pub node_id: String,
+    /// The database: `postgres://user[:password]@host[:port]/db` for a
+    /// PostgreSQL store shared by several nodes. Default: the `[storage]`
+    /// table of the data directory's ordervault.toml, else SQLite in the
+    /// data directory.
+    #[arg(
+        long,
+        env = "ORDERVAULT_STORAGE_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub storage_url: Option<secrecy::SecretString>,
+}
+
+impl DataArgs {
+    /// Where this node's vault lives.
+    pub fn layout(&self) -> Result<Layout, SetupError> {
+        let storage = setup::Storage::resolve(&self.data_dir, self.storage_url.as_ref())?;
+        Ok(Layout::with_storage(&self.data_dir, storage))
+    }
 }
 
 /// `serve` options.
@@ -127,19 +146,21 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::Init(args) => {
-            let created = setup::init(
-                &Layout::new(&args.data_dir),
-                &["admin"],
-                &args.node_id,
-                &SystemClock,
-            )
-            .await?;
+            let layout = args.layout()?;
+            let created = setup::init(&layout, &["admin"], &args.node_id, &SystemClock).await?;
             println!("ordervault: initialised {}", args.data_dir.display());
             print_keys(&created);
             println!(
                 "Start it with: ordervault serve --data-dir {}",
                 args.data_dir.display()
             );
+            if let setup::Storage::Postgres(url) = &layout.storage {
+                println!(
+                    "with the same database ({}); further nodes need a copy of {} and their own --node-id",
+                    crate::store::postgres::redacted(url.expose_secret()),
+                    args.data_dir.display()
+                );
+            }
             Ok(())
         }
         Command::Audit(cmd) => crate::cli_audit::run(cmd).await,
@@ -179,8 +200,8 @@ fn print_dev_example(created: &[CreatedPrincipal], listen: SocketAddr) {
 }
 
 async fn serve(args: ServeArgs) -> Result<(), Failure> {
-    let layout = Layout::new(&args.data.data_dir);
-    if args.dev && setup::dir_state(&layout)? == DirState::Empty {
+    let layout = args.data.layout()?;
+    if args.dev && setup::dir_state(&layout).await? == DirState::Empty {
         let created = setup::init(
             &layout,
             &setup::DEMO_ROLES,
@@ -210,6 +231,9 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
             message: format!("cannot listen on {}: {e}", args.listen),
         })?;
     let addr = listener.local_addr().map_err(|e| fail(e.to_string()))?;
+    // Handlers are in place before anyone is told the vault is up, so a
+    // SIGTERM sent right after the "listening on" line drains gracefully.
+    let stop = shutdown_signal()?;
     tracing::info!(%addr, data_dir = %layout.dir.display(), "ordervault listening");
     println!("ordervault: listening on {addr}");
 
@@ -217,7 +241,7 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
     let server = tokio::spawn(crate::server::serve(engine.clone(), listener, async {
         let _ = stop_rx.await;
     }));
-    shutdown_signal().await;
+    stop.await;
     tracing::info!("shutting down: draining in-flight requests");
     let _ = stop_tx.send(());
     match tokio::time::timeout(Duration::from_secs(args.drain_seconds), server).await {
@@ -228,62 +252,82 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
     }
     drop(engine);
     // Commits whatever the writer still holds before exiting.
-    store.close();
+    store.close().await;
     tracing::info!("stopped");
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
+/// Installs the SIGINT and SIGTERM handlers now (not at the first poll);
+/// the returned future ends at the first of those signals.
+#[cfg(unix)]
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>, Failure> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let install = |kind: SignalKind| {
+        signal(kind).map_err(|e| fail(format!("cannot install a signal handler: {e}")))
     };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+    let mut int = install(SignalKind::interrupt())?;
+    let mut term = install(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
-    }
+    })
 }
 
-/// Verifies the audit chain stored in a data directory, offline: every
-/// event's encoding, its indexed copies and the hash chain.
-pub async fn verify_data_dir(args: DataArgs) -> Result<(), Failure> {
-    let layout = Layout::new(&args.data_dir);
-    if setup::dir_state(&layout)? != DirState::Initialised {
+#[cfg(not(unix))]
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>, Failure> {
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+}
+
+/// Verifies the audit chains stored in a data directory's database (every
+/// chain, or only `only`), offline: every event's encoding, its indexed
+/// copies and the hash chain.
+pub async fn verify_data_dir(args: DataArgs, only: Option<String>) -> Result<(), Failure> {
+    let layout = args.layout()?;
+    if setup::dir_state(&layout).await? != DirState::Initialised {
         return Err(SetupError::NotInitialised {
             dir: layout.dir.display().to_string(),
         }
         .into());
     }
-    let store =
-        crate::store::sqlite::SqliteStore::open(&layout.db()).map_err(|e| fail(e.to_string()))?;
-    let mut verifier = Verifier::default();
-    let mut from = 1;
-    loop {
-        let page = store
-            .audit_events(&args.node_id, from, 10_000)
+    let store = layout.storage.open_existing(&layout).await?;
+    let chains = match only {
+        Some(chain) => vec![chain],
+        None => store
+            .audit_chains()
             .await
-            .map_err(|e| fail(e.to_string()))?;
-        let Some(last) = page.last() else { break };
-        from = last.seq + 1;
-        for e in &page {
-            verifier.check(e).map_err(|e| fail(e.to_string()))?;
+            .map_err(|e| fail(e.to_string()))?,
+    };
+    let result = async {
+        for chain in chains {
+            let mut verifier = Verifier::default();
+            let mut from = 1;
+            loop {
+                let page = store
+                    .audit_events(&chain, from, 10_000)
+                    .await
+                    .map_err(|e| fail(e.to_string()))?;
+                let Some(last) = page.last() else { break };
+                from = last.seq + 1;
+                for e in &page {
+                    verifier
+                        .check(e)
+                        .map_err(|e| fail(format!("audit chain {chain}: {e}")))?;
+                }
+            }
+            println!(
+                "audit chain {}: {} events verified, head {}",
+                chain,
+                verifier.verified(),
+                hex::encode(verifier.head())
+            );
         }
+        Ok(())
     }
-    println!(
-        "audit chain {}: {} events verified, head {}",
-        args.node_id,
-        verifier.verified(),
-        hex::encode(verifier.head())
-    );
-    Ok(())
+    .await;
+    store.close().await;
+    result
 }

@@ -669,7 +669,12 @@ fn opens(master: &SecretKey, keys: &[crate::store::StoredKey], root: &[u8]) -> b
 
 async fn rotate_master(args: RotateMasterArgs) -> Result<(), Failure> {
     let layout = Layout::new(&args.data_dir);
-    if setup::dir_state(&layout)? != DirState::Initialised {
+    if let setup::Storage::Postgres(_) = setup::Storage::resolve(&args.data_dir, None)? {
+        return Err(config_failure(
+            "rotate-master works on the embedded SQLite store only; on PostgreSQL, rotate the data keys online (`ordervault keys rotate` and `keys rewrap`)".to_owned(),
+        ));
+    }
+    if setup::dir_state(&layout).await? != DirState::Initialised {
         return Err(SetupError::NotInitialised {
             dir: layout.dir.display().to_string(),
         }

@@ -132,9 +132,14 @@ pub struct QueryArgs {
     /// Most events to print.
     #[arg(long, default_value_t = 1000)]
     pub limit: u32,
-    /// Keep printing new events as they are logged.
+    /// Keep printing new events as they are logged (one chain: `--chain`,
+    /// default the answering node's).
     #[arg(long)]
     pub follow: bool,
+    /// Node id of the chain to read; default every node's chain (with
+    /// `--follow`, the answering node's).
+    #[arg(long)]
+    pub chain: Option<String>,
     /// JSON lines (the canonical leaves) instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -156,9 +161,18 @@ pub struct VerifyArgs {
     /// Verify a data directory's database instead of a file.
     #[arg(long, env = "ORDERVAULT_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Node id of the chain to check in the data directory.
-    #[arg(long, env = "ORDERVAULT_NODE_ID", default_value = "node-1")]
-    pub node_id: String,
+    /// Node id of the chain to check in the data directory (default:
+    /// every chain in the database).
+    #[arg(long)]
+    pub node_id: Option<String>,
+    /// The database, when not SQLite in the data directory (see `serve`).
+    #[arg(
+        long,
+        env = "ORDERVAULT_STORAGE_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub storage_url: Option<secrecy::SecretString>,
 }
 
 fn fail(message: impl Into<String>) -> Failure {
@@ -289,7 +303,9 @@ async fn query(q: QueryArgs) -> Result<(), Failure> {
         kind: q.kind.unwrap_or_default(),
         token: q.token.unwrap_or_default(),
         order_token: q.order_token.unwrap_or_default(),
-        chain: String::new(),
+        chain: q
+            .chain
+            .unwrap_or_else(|| if q.follow { String::new() } else { "*".into() }),
         after: String::new(),
         limit: q.limit,
         follow: q.follow,
@@ -301,18 +317,28 @@ async fn query(q: QueryArgs) -> Result<(), Failure> {
         .into_inner();
     if !q.json {
         println!(
-            "{:>6} {:<20} {:<12} {:<9} {:<14} {:<8} {:<16} {:<13} {:<30} reason",
-            "seq", "time", "principal", "role", "action", "decision", "purpose", "kind", "token"
+            "{:<10} {:>6} {:<20} {:<12} {:<9} {:<14} {:<8} {:<16} {:<13} {:<30} reason",
+            "chain",
+            "seq",
+            "time",
+            "principal",
+            "role",
+            "action",
+            "decision",
+            "purpose",
+            "kind",
+            "token"
         );
     }
     let mut out = std::io::stdout();
     while let Some(e) = stream.message().await.map_err(rpc)? {
         if q.json {
             let _ = writeln!(out, "{}", String::from_utf8_lossy(&e.leaf));
-        } else if let Some((_, seq, ev)) = crate::audit::decode_leaf(&e.leaf) {
+        } else if let Some((chain, seq, ev)) = crate::audit::decode_leaf(&e.leaf) {
             let _ = writeln!(
                 out,
-                "{:>6} {:<20} {:<12} {:<9} {:<14} {:<8} {:<16} {:<13} {:<30} {}",
+                "{:<10} {:>6} {:<20} {:<12} {:<9} {:<14} {:<8} {:<16} {:<13} {:<30} {}",
+                chain,
                 seq,
                 time_text(ev.ts_ms),
                 ev.principal,
@@ -412,10 +438,14 @@ async fn verify(args: VerifyArgs) -> Result<(), Failure> {
         let data_dir = args.data_dir.ok_or_else(|| {
             fail("give --file and --pubkey (an export), or --data-dir (a database)")
         })?;
-        return crate::cli::verify_data_dir(DataArgs {
-            data_dir,
-            node_id: args.node_id,
-        })
+        return crate::cli::verify_data_dir(
+            DataArgs {
+                data_dir,
+                node_id: String::new(),
+                storage_url: args.storage_url,
+            },
+            args.node_id,
+        )
         .await;
     };
     let text = std::fs::read_to_string(&file)

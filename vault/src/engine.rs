@@ -26,10 +26,10 @@ use crate::guard::{
 };
 use crate::keyring::{self, KeyVersion, Keyring};
 use crate::kinds::{FieldKind, InvalidValue};
-use crate::policy::{Limits, Permission, Policy, Purpose, RolePolicy, Visibility};
+use crate::policy::{Limits, Permission, Policy, Purpose, Rate, RolePolicy, Visibility};
 use crate::store::{
-    AlertRecord, GrantFilter, GrantRecord, OrderRecord, PrincipalRecord, Store, TokenId,
-    TokenRecord, WriteBatch,
+    AlertRecord, GrantFilter, GrantRecord, OrderRecord, PrincipalRecord, Reservation, Store,
+    StoreError, TokenId, TokenRecord, WriteBatch,
 };
 use crate::token::{Token, TokenClass};
 
@@ -45,6 +45,8 @@ const RESERVE_BLOCK: u64 = 1 << 16;
 pub const META_FINGERPRINT_ROOT: &str = "fingerprint_root";
 /// Meta key set last by `init`: the vault is complete.
 pub const META_INITIALIZED: &str = "initialized";
+/// Metadata key of the policy text every node of a shared store enforces.
+pub const META_POLICY: &str = "policy";
 
 /// Machine-readable denial reasons, as returned per field and audited.
 pub mod reason {
@@ -159,6 +161,9 @@ pub struct EngineConfig {
     /// The policy file `ReloadPolicy` re-reads (`setup::open` sets it to the
     /// data directory's `policy.toml` when not given).
     pub policy_path: Option<std::path::PathBuf>,
+    /// Encryptions a node reserves under a key at a time (the durable
+    /// counter is written once per block).
+    pub reservation_block: u64,
 }
 
 impl Default for EngineConfig {
@@ -170,6 +175,7 @@ impl Default for EngineConfig {
             bulk: BulkConfig::default(),
             auto_rotate: true,
             policy_path: None,
+            reservation_block: RESERVE_BLOCK,
         }
     }
 }
@@ -360,6 +366,11 @@ pub struct Engine {
     pub(crate) key_gate: tokio::sync::RwLock<()>,
     /// Serialises key rotations and retirements.
     pub(crate) key_admin: tokio::sync::Mutex<()>,
+    /// Serialises a policy reload with the shared-state refresh, so the
+    /// refresh cannot put back the policy a reload just replaced.
+    pub(crate) policy_gate: tokio::sync::Mutex<()>,
+    /// Nodes running on the store, as last counted (rates are shared out).
+    pub(crate) live_nodes: std::sync::atomic::AtomicU64,
     quotas: tokio::sync::Mutex<Quotas>,
     throttle: Mutex<AuthThrottle>,
     alert_counts: Mutex<BTreeMap<&'static str, u64>>,
@@ -421,6 +432,8 @@ impl Engine {
             reserve_lock: tokio::sync::Mutex::new(()),
             key_gate: tokio::sync::RwLock::new(()),
             key_admin: tokio::sync::Mutex::new(()),
+            policy_gate: tokio::sync::Mutex::new(()),
+            live_nodes: std::sync::atomic::AtomicU64::new(1),
             quotas: tokio::sync::Mutex::new(Quotas::default()),
             throttle: Mutex::new(AuthThrottle::default()),
             alert_counts: Mutex::new(BTreeMap::new()),
@@ -651,43 +664,58 @@ impl Engine {
         })
     }
 
-    /// Claims `n` encryptions under `key`, durably reserving more when the
-    /// reservation runs out. Refuses past the cap.
+    /// Claims `n` encryptions under `key`, durably reserving another block
+    /// when this node's blocks run out. Refuses past the cap, which holds
+    /// across every node sharing the store.
     pub(crate) async fn claim_encryptions(
         &self,
         key: &KeyVersion,
         n: u64,
     ) -> Result<(), VaultError> {
         let usage = key.usage();
-        let used = usage.claim(n);
         let cap = match key.algorithm() {
             Algorithm::Aes256Gcm => self.config.encryption_cap,
             // 192-bit random nonces: no practical per-key limit.
             Algorithm::XChaCha20Poly1305 => u64::MAX / 2,
         };
-        if used > cap {
-            usage.unclaim(n);
-            return Err(VaultError::FailedPrecondition(format!(
+        let capped = || {
+            VaultError::FailedPrecondition(format!(
                 "data key version {} has reached its cap of {cap} encryptions; rotate the data key (`ordervault keys rotate`)",
                 key.version()
-            )));
+            ))
+        };
+        if n > cap {
+            return Err(capped());
         }
-        if used > usage.reserved() {
+        loop {
+            if usage.take(n) {
+                return Ok(());
+            }
             let _guard = self.reserve_lock.lock().await;
-            if used > usage.reserved() {
-                let upto = used.saturating_add(RESERVE_BLOCK).min(cap);
-                let batch = WriteBatch {
-                    reserve: vec![(key.version(), upto)],
-                    ..Default::default()
-                };
-                if let Err(e) = self.store.commit(batch).await {
-                    usage.unclaim(n);
-                    return Err(e.into());
-                }
-                usage.set_reserved(upto);
+            if usage.take(n) {
+                return Ok(());
+            }
+            let batch = WriteBatch {
+                reserve: vec![Reservation {
+                    version: key.version(),
+                    count: self.config.reservation_block.max(n),
+                    cap,
+                }],
+                ..Default::default()
+            };
+            let committed = self.store.commit(batch).await?;
+            let Some(&(old, new)) = committed.reserved.first() else {
+                return Err(VaultError::Internal(
+                    "the store did not report the reservation".into(),
+                ));
+            };
+            usage.grant(old, new);
+            if new == old {
+                // Nothing left to grant: the cap is reached (whatever this
+                // node still holds is smaller than `n`).
+                return Err(capped());
             }
         }
-        Ok(())
     }
 
     /// Tokenizes a batch of fields, all or nothing.
@@ -1032,6 +1060,15 @@ impl Engine {
             let checked = self.check_quotas(principal, &limits, &records).await;
             match checked {
                 Ok((days, alerts)) => {
+                    // Other nodes reveal too: the store checks the cap
+                    // against every node's reveals when it commits.
+                    if let (true, Some(cap), Some((_, day, _))) = (
+                        self.store.shared(),
+                        limits.daily_distinct_orders,
+                        days.first(),
+                    ) {
+                        batch.daily_caps.push((principal.name.clone(), *day, cap));
+                    }
                     batch.reveal_days = days;
                     batch.alerts = alerts;
                 }
@@ -1107,12 +1144,54 @@ impl Engine {
                 "{n} stored value(s) failed their integrity check; nothing was revealed. The stored data was altered or corrupted: an operator must investigate"
             )));
         }
-        self.store.commit(batch).await.map_err(|e| {
-            VaultError::Unavailable(format!(
+        match self.store.commit(batch).await {
+            Ok(_) => Ok(out),
+            Err(e @ StoreError::DailyCapReached { .. }) => {
+                drop(out);
+                Err(self
+                    .cap_reached_elsewhere(principal, &purpose, tokens.len(), &rid, e)
+                    .await)
+            }
+            Err(e) => Err(VaultError::Unavailable(format!(
                 "the audit log cannot be written ({e}); nothing was revealed"
-            ))
-        })?;
-        Ok(out)
+            ))),
+        }
+    }
+
+    /// Another node's reveals filled a shared daily cap that this node's
+    /// view had room in: forgets that view, audits the refusal and says
+    /// when to retry.
+    async fn cap_reached_elsewhere(
+        &self,
+        principal: &Principal,
+        purpose: &Purpose,
+        asked: usize,
+        rid: &str,
+        e: StoreError,
+    ) -> VaultError {
+        self.quotas.lock().await.days.remove(&principal.name);
+        let policy = self.policy();
+        let mut ev = self.event(
+            principal,
+            Action::QuotaExceeded,
+            Decision::Denied,
+            rid,
+            &policy,
+        );
+        ev.purpose = Some(purpose.as_str().to_owned());
+        if let StoreError::DailyCapReached { cap, .. } = &e {
+            ev.reason = Some(format!("daily_distinct_orders {cap}"));
+        }
+        ev.count = Some(asked as u32);
+        if let Err(audit) = self.append_audit(vec![ev]).await {
+            return audit;
+        }
+        let now = self.now();
+        let until_midnight = (guard::day_of(now) + 1) * guard::DAY_MS - now;
+        VaultError::RateLimited {
+            message: format!("{e}; retry after 00:00 UTC"),
+            retry_after_ms: until_midnight.max(0) as u64,
+        }
     }
 
     pub(crate) fn require(
@@ -1596,11 +1675,26 @@ impl Engine {
         // The rate is checked after the daily cap, so requests the cap
         // refuses do not drain the bucket.
         if let Some(rate) = limits.rate {
+            // Each of N nodes sharing a store allows its share of the rate,
+            // so together they never allow more than the policy says.
+            let nodes = self
+                .live_nodes
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .max(1);
+            let share = Rate {
+                count: (rate.count / nodes.min(u64::from(u32::MAX)) as u32).max(1),
+                window_ms: rate.window_ms,
+            };
             let bucket = q
                 .buckets
                 .entry(name.clone())
-                .or_insert_with(|| Bucket::full(rate, now));
-            if let Err(wait) = bucket.take(rate, records.len() as u32, now) {
+                .or_insert_with(|| Bucket::full(share, now));
+            if let Err(wait) = bucket.take(share, records.len() as u32, now) {
+                let each = if nodes > 1 {
+                    format!(" ({share} on each of {nodes} nodes)")
+                } else {
+                    String::new()
+                };
                 let what = format!("rate {rate}");
                 let alert = alert_once(
                     &mut q,
@@ -1611,7 +1705,7 @@ impl Engine {
                 return Err(QuotaExceeded {
                     error: VaultError::RateLimited {
                         message: format!(
-                            "reveal rate of {rate} exceeded for principal {name:?}; retry in {} s",
+                            "reveal rate of {rate}{each} exceeded for principal {name:?}; retry in {} s",
                             wait.div_ceil(1000).max(1)
                         ),
                         retry_after_ms: wait,

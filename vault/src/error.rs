@@ -61,6 +61,11 @@ impl From<crate::store::StoreError> for VaultError {
             }
             StoreError::Corrupt(m) => VaultError::DataLoss(format!("stored data is corrupt: {m}")),
             StoreError::Conflict(m) => VaultError::AlreadyExists(m),
+            StoreError::Invalid(m) => VaultError::InvalidArgument(m),
+            e @ StoreError::DailyCapReached { .. } => VaultError::RateLimited {
+                message: format!("{e}; retry after 00:00 UTC"),
+                retry_after_ms: 0,
+            },
         }
     }
 }

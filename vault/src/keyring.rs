@@ -18,7 +18,6 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::crypto::{self, AeadKey, Algorithm, CryptoError, Fingerprinter, SecretKey};
 use crate::kinds::FieldKind;
@@ -180,46 +179,76 @@ pub fn field_context(id: &TokenId, kind: FieldKind) -> [u8; 36] {
 }
 
 /// How many encryptions a key version has done and may do.
+///
+/// Encryptions are reserved durably in blocks added to the stored total
+/// (`reserved = min(reserved + n, cap)`), so nodes sharing a database each
+/// get disjoint blocks and together never pass the cap. A node spends from
+/// the blocks it was granted; what it has not spent when it stops is lost,
+/// so the count can only over-state, never under-state, the encryptions
+/// done.
 #[derive(Debug, Default)]
 pub struct KeyUsage {
-    used: AtomicU64,
-    reserved: AtomicU64,
+    state: std::sync::Mutex<UsageState>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct UsageState {
+    /// The stored total of reservations, as last seen.
+    seen: u64,
+    /// Of this node's granted blocks, what is not spent yet.
+    left: u64,
 }
 
 impl KeyUsage {
     /// Usage starting from what is durably reserved: after a restart the
-    /// vault assumes every reserved encryption was used, so the counter can
-    /// only over-count, never under-count.
+    /// vault assumes every reserved encryption was used.
     pub fn resume(reserved: u64) -> KeyUsage {
         KeyUsage {
-            used: AtomicU64::new(reserved),
-            reserved: AtomicU64::new(reserved),
+            state: std::sync::Mutex::new(UsageState {
+                seen: reserved,
+                left: 0,
+            }),
         }
     }
 
-    /// Claims `n` encryptions; returns the new total used.
-    pub fn claim(&self, n: u64) -> u64 {
-        self.used.fetch_add(n, Ordering::AcqRel) + n
+    fn with<T>(&self, f: impl FnOnce(&mut UsageState) -> T) -> T {
+        match self.state.lock() {
+            Ok(mut g) => f(&mut g),
+            Err(poisoned) => f(&mut poisoned.into_inner()),
+        }
     }
 
-    /// Gives back a claim that was not used (e.g. a refused request).
-    pub fn unclaim(&self, n: u64) {
-        self.used.fetch_sub(n, Ordering::AcqRel);
+    /// Spends `n` encryptions of this node's granted blocks; false (and
+    /// nothing spent) when they do not hold `n` more.
+    pub fn take(&self, n: u64) -> bool {
+        self.with(|s| {
+            if s.left >= n {
+                s.left -= n;
+                true
+            } else {
+                false
+            }
+        })
     }
 
-    /// Encryptions claimed so far.
+    /// Records a block granted by the store: the stored total went from
+    /// `old` to `new`.
+    pub fn grant(&self, old: u64, new: u64) {
+        self.with(|s| {
+            s.seen = s.seen.max(new);
+            s.left += new.saturating_sub(old);
+        });
+    }
+
+    /// Encryptions counted against the key: everything reserved (by every
+    /// node, as last seen) less what this node has not spent.
     pub fn used(&self) -> u64 {
-        self.used.load(Ordering::Acquire)
+        self.with(|s| s.seen.saturating_sub(s.left))
     }
 
-    /// Encryptions durably reserved.
+    /// Encryptions durably reserved, as last seen.
     pub fn reserved(&self) -> u64 {
-        self.reserved.load(Ordering::Acquire)
-    }
-
-    /// Records a new durable reservation.
-    pub fn set_reserved(&self, upto: u64) {
-        self.reserved.fetch_max(upto, Ordering::AcqRel);
+        self.with(|s| s.seen)
     }
 }
 
@@ -508,10 +537,21 @@ mod tests {
     }
 
     #[test]
-    fn usage_resumes_at_the_reservation() {
+    fn usage_resumes_at_the_reservation_and_spends_only_granted_blocks() {
         let u = KeyUsage::resume(1000);
-        assert_eq!(u.claim(5), 1005);
-        u.unclaim(5);
         assert_eq!(u.used(), 1000);
+        assert!(!u.take(1), "nothing granted to this node yet");
+        // Another node took 1000..1500; this one is granted 1500..1600.
+        u.grant(1500, 1600);
+        assert_eq!(u.reserved(), 1600);
+        assert_eq!(u.used(), 1500);
+        assert!(u.take(60));
+        assert_eq!(u.used(), 1560);
+        assert!(
+            !u.take(41),
+            "a claim larger than what is left spends nothing"
+        );
+        assert!(u.take(40));
+        assert_eq!(u.used(), 1600);
     }
 }

@@ -37,6 +37,10 @@ pub async fn serve(
         crate::service_audit::AuditApi::new(engine.clone()),
     );
     let checkpointer = tokio::spawn(checkpoints(engine.clone()));
+    let refresher = engine
+        .store()
+        .shared()
+        .then(|| tokio::spawn(refresh(engine.clone())));
     let tokens = TokenServiceServer::new(TokenApi::new(engine))
         .max_decoding_message_size(TRANSPORT_MAX_MESSAGE_BYTES);
     let mut builder = Server::builder();
@@ -62,7 +66,25 @@ pub async fn serve(
         )
         .await;
     checkpointer.abort();
+    if let Some(r) = refresher {
+        r.abort();
+    }
     served
+}
+
+/// How often a node of a shared store re-reads keys, principals and the
+/// policy: the longest a rotation, revocation or policy reload through
+/// another node takes to apply here.
+pub const SHARED_STATE_REFRESH: std::time::Duration = std::time::Duration::from_secs(2);
+
+async fn refresh(engine: Arc<Engine>) {
+    let mut tick = tokio::time::interval(SHARED_STATE_REFRESH);
+    loop {
+        tick.tick().await;
+        if let Err(e) = engine.refresh_shared_state().await {
+            tracing::warn!(error = %e, "cannot refresh the shared state");
+        }
+    }
 }
 
 /// Signs a checkpoint of this node's audit chain whenever enough events or

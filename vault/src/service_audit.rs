@@ -55,6 +55,72 @@ impl AuditApi {
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<v1::AuditEventInfo, Status>> + Send>>;
 
+/// `chain` of a query over every node's chain.
+const ALL_CHAINS: &str = "*";
+
+fn query_of(m: &v1::AuditQuery, chain: String, after_seq: u64) -> Query {
+    Query {
+        indexed: AuditFilter {
+            chain,
+            after_seq,
+            principal: nonempty(&m.principal),
+            action: nonempty(&m.action),
+            decision: nonempty(&m.decision),
+            token: nonempty(&m.token),
+            since_ms: ms(&m.since),
+            until_ms: ms(&m.until),
+        },
+        role: nonempty(&m.role),
+        purpose: nonempty(&m.purpose),
+        kind: nonempty(&m.kind),
+        order_token: nonempty(&m.order_token),
+    }
+}
+
+fn limit_of(m: &v1::AuditQuery) -> usize {
+    if m.limit == 0 {
+        DEFAULT_LIMIT
+    } else {
+        m.limit as usize
+    }
+}
+
+impl AuditApi {
+    /// A query with `chain = "*"`: every chain in turn (this node's first),
+    /// up to `limit` events in all.
+    async fn query_every_chain(
+        &self,
+        principal: &crate::engine::Principal,
+        m: &v1::AuditQuery,
+    ) -> Result<Response<EventStream>, Status> {
+        if m.follow {
+            return Err(Status::invalid_argument(
+                "follow reads one chain: give its node id as chain (or none for this node's)",
+            ));
+        }
+        if !m.after.is_empty() {
+            return Err(Status::invalid_argument(
+                "a cursor belongs to one chain: give that chain with after",
+            ));
+        }
+        let mut left = limit_of(m);
+        let mut items = Vec::new();
+        for chain in self.engine.chains().await.map_err(status)? {
+            if left == 0 {
+                break;
+            }
+            let events = self
+                .engine
+                .query_audit(principal, &query_of(m, chain, 0), left)
+                .await
+                .map_err(status)?;
+            left -= events.len().min(left);
+            items.extend(events.iter().map(|e| Ok(event_info(e))));
+        }
+        Ok(Response::new(Box::pin(tokio_stream::iter(items))))
+    }
+}
+
 #[tonic::async_trait]
 impl AuditService for AuditApi {
     type QueryStream = EventStream;
@@ -62,6 +128,9 @@ impl AuditService for AuditApi {
     async fn query(&self, req: Request<v1::AuditQuery>) -> Result<Response<EventStream>, Status> {
         let principal = authenticate(&self.engine, &req)?;
         let m = req.into_inner();
+        if m.chain == ALL_CHAINS {
+            return self.query_every_chain(&principal, &m).await;
+        }
         let chain = nonempty(&m.chain).unwrap_or_else(|| self.engine.chain().to_owned());
         let after_seq = match nonempty(&m.after) {
             None => 0,
@@ -73,27 +142,8 @@ impl AuditService for AuditApi {
                     Status::invalid_argument("after is not a cursor of this chain (chain:seq)")
                 })?,
         };
-        let q = Query {
-            indexed: AuditFilter {
-                chain,
-                after_seq,
-                principal: nonempty(&m.principal),
-                action: nonempty(&m.action),
-                decision: nonempty(&m.decision),
-                token: nonempty(&m.token),
-                since_ms: ms(&m.since),
-                until_ms: ms(&m.until),
-            },
-            role: nonempty(&m.role),
-            purpose: nonempty(&m.purpose),
-            kind: nonempty(&m.kind),
-            order_token: nonempty(&m.order_token),
-        };
-        let limit = if m.limit == 0 {
-            DEFAULT_LIMIT
-        } else {
-            m.limit as usize
-        };
+        let q = query_of(&m, chain, after_seq);
+        let limit = limit_of(&m);
         let first = self
             .engine
             .query_audit(&principal, &q, limit)

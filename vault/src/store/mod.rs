@@ -13,6 +13,7 @@ use crate::audit::{AuditEvent, StoredEvent};
 use crate::kinds::FieldKind;
 use crate::token::TOKEN_ID_BYTES;
 
+pub mod postgres;
 pub mod sqlite;
 
 /// A token's storage key (its random body).
@@ -174,8 +175,9 @@ pub struct WriteBatch {
     pub meta: Vec<(String, Vec<u8>)>,
     /// Key versions to insert or replace.
     pub keys: Vec<StoredKey>,
-    /// Raise a key version's durable reservation to at least this.
-    pub reserve: Vec<(u32, u64)>,
+    /// Encryptions to reserve under key versions, added to the stored
+    /// total; see [`Committed::reserved`].
+    pub reserve: Vec<Reservation>,
     /// Principals to insert.
     pub principals: Vec<PrincipalRecord>,
     /// New tokens. A deterministic token whose (kind, fingerprint) already
@@ -192,6 +194,12 @@ pub struct WriteBatch {
     pub principal_revocations: Vec<(String, i64)>,
     /// Distinct orders revealed: (principal, UTC day number, order or token id).
     pub reveal_days: Vec<(String, i64, TokenId)>,
+    /// Daily caps the batch must respect: (principal, UTC day, cap). After
+    /// `reveal_days` are added, the principal's distinct orders that day
+    /// must not exceed the cap, counted over everything stored (every
+    /// node's reveals), or the batch fails with
+    /// [`StoreError::DailyCapReached`].
+    pub daily_caps: Vec<(String, i64, u64)>,
     /// Alerts to store.
     pub alerts: Vec<AlertRecord>,
     /// Signed checkpoints to store.
@@ -210,6 +218,17 @@ pub struct WriteBatch {
     pub audit_chain: String,
     /// Audit events to append, in order.
     pub audit: Vec<AuditEvent>,
+}
+
+/// A block of encryptions to reserve under a key version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reservation {
+    /// The key version.
+    pub version: u32,
+    /// How many encryptions to add to its stored total.
+    pub count: u64,
+    /// The total never passes this: the block is cut short at the cap.
+    pub cap: u64,
 }
 
 /// One ciphertext re-encrypted under another key version (rewrap).
@@ -236,6 +255,9 @@ pub struct Committed {
     /// How many of the batch's rewraps applied (the others' rows had
     /// already moved to another version, or are gone).
     pub rewrapped: u64,
+    /// For each reservation of the batch, the stored total before and
+    /// after it: the encryptions `old..new` are the caller's alone.
+    pub reserved: Vec<(u64, u64)>,
 }
 
 /// Storage failures, by what the caller can do about them.
@@ -252,11 +274,50 @@ pub enum StoreError {
     /// The write conflicts with existing data (e.g. a duplicate name).
     #[error("{0}")]
     Conflict(String),
+    /// The request holds a value the database cannot store or compare
+    /// (e.g. a NUL character in text); nothing was applied.
+    #[error("{0}")]
+    Invalid(String),
+    /// A batch's daily cap would be exceeded; nothing was applied.
+    #[error(
+        "daily cap of {cap} distinct orders reached for {principal:?} ({revealed} revealed that day)"
+    )]
+    DailyCapReached {
+        /// Whose cap.
+        principal: String,
+        /// The cap.
+        cap: u64,
+        /// Distinct orders already stored for that day.
+        revealed: u64,
+    },
 }
 
-/// Persistence for the vault. Implemented by SQLite (embedded default).
+/// Persistence for the vault. Implemented by SQLite (embedded default) and
+/// PostgreSQL (shared by many nodes).
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
+    /// The backend's name, as `status` shows it.
+    fn backend(&self) -> &'static str;
+    /// Whether other vault nodes may write the same store: keys, policy and
+    /// principals must then be re-read periodically.
+    fn shared(&self) -> bool {
+        false
+    }
+    /// Claims `chain` for this process: the audit chain of a node id is
+    /// written by one node only. Fails with [`StoreError::Conflict`] when
+    /// another live node holds it.
+    async fn claim_chain(&self, chain: &str) -> Result<(), StoreError> {
+        let _ = chain;
+        Ok(())
+    }
+    /// Vault nodes currently running on this store (at least 1): rate
+    /// limits are shared out among them.
+    async fn live_nodes(&self) -> Result<u64, StoreError> {
+        Ok(1)
+    }
+    /// Stops accepting writes and commits what is queued; returns once it
+    /// is committed.
+    async fn close(&self) {}
     /// A metadata value.
     async fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
     /// All key versions.

@@ -132,12 +132,21 @@ CREATE TABLE checkpoints (
     r"
 ALTER TABLE audit_events ADD COLUMN order_token TEXT;
 ",
+    // One index entry per token by fingerprint instead of two: deterministic
+    // tokens are found through their unique index, the others through this
+    // one. Every index entry is a write to a random page.
+    r"
+DROP INDEX tokens_by_fingerprint;
+CREATE INDEX tokens_by_fingerprint ON tokens (kind, fingerprint) WHERE deterministic = 0;
+",
 ];
 
 /// Most batches gathered into one transaction.
 const MAX_GROUP: usize = 1024;
-/// Idle read connections kept open.
-const MAX_IDLE_READERS: usize = 8;
+/// Read connections, at most: more reads wait for one. Every connection
+/// has its own page cache, so without a bound a burst of concurrent reads
+/// (64 clients revealing at once) opened as many connections and caches.
+const MAX_READERS: usize = 8;
 
 struct Job {
     batch: WriteBatch,
@@ -150,6 +159,8 @@ pub struct SqliteStore {
     writer: Mutex<Option<mpsc::Sender<Job>>>,
     writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     readers: Arc<Mutex<Vec<Connection>>>,
+    /// One permit per read connection.
+    read_permits: Arc<tokio::sync::Semaphore>,
     checkpointer: Mutex<
         Option<(
             Arc<std::sync::atomic::AtomicBool>,
@@ -187,6 +198,19 @@ impl std::fmt::Debug for SqliteStore {
 }
 
 fn unavailable(e: rusqlite::Error) -> StoreError {
+    if let rusqlite::Error::ToSqlConversionFailure(inner) = &e
+        && let Some(StoreError::DailyCapReached {
+            principal,
+            cap,
+            revealed,
+        }) = inner.downcast_ref::<StoreError>()
+    {
+        return StoreError::DailyCapReached {
+            principal: principal.clone(),
+            cap: *cap,
+            revealed: *revealed,
+        };
+    }
     match &e {
         rusqlite::Error::SqliteFailure(f, _) if f.code == ErrorCode::ConstraintViolation => {
             StoreError::Conflict(format!("conflicts with existing data: {e}"))
@@ -287,6 +311,7 @@ impl SqliteStore {
             writer: Mutex::new(Some(tx)),
             writer_thread: Mutex::new(Some(handle)),
             readers: Arc::new(Mutex::new(Vec::new())),
+            read_permits: Arc::new(tokio::sync::Semaphore::new(MAX_READERS)),
             checkpointer: Mutex::new(Some((stop, checkpointer))),
         })
     }
@@ -314,7 +339,14 @@ impl SqliteStore {
     {
         let pool = self.readers.clone();
         let path = self.path.clone();
+        let permit = self
+            .read_permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| StoreError::Unavailable("the store is closed".into()))?;
         tokio::task::spawn_blocking(move || {
+            let _permit = permit;
             let pooled = pool.lock().ok().and_then(|mut p| p.pop());
             let conn = match pooled {
                 Some(c) => c,
@@ -330,9 +362,7 @@ impl SqliteStore {
                 }
             };
             let result = f(&conn).map_err(unavailable);
-            if let Ok(mut p) = pool.lock()
-                && p.len() < MAX_IDLE_READERS
-            {
+            if let Ok(mut p) = pool.lock() {
                 p.push(conn);
             }
             result
@@ -370,6 +400,14 @@ fn token_row(id: TokenId, row: &rusqlite::Row<'_>) -> rusqlite::Result<TokenReco
 
 #[async_trait]
 impl Store for SqliteStore {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn close(&self) {
+        SqliteStore::close(self);
+    }
+
     async fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let key = key.to_owned();
         self.read(move |c| {
@@ -514,13 +552,20 @@ impl Store for SqliteStore {
             let mut out = Vec::new();
             let principal = filter.principal.clone();
             if filter.orders.is_empty() {
-                let mut st = c.prepare_cached(&format!(
-                    "{GRANT_SELECT} WHERE principal = ?1 ORDER BY created_ms DESC"
-                ))?;
-                out.extend(
-                    st.query_map([principal.unwrap_or_default()], grant_row)?
+                // Separate statements, so the one by principal uses its index.
+                let rows = match principal {
+                    Some(p) => c
+                        .prepare_cached(&format!(
+                            "{GRANT_SELECT} WHERE principal = ?1 ORDER BY created_ms DESC"
+                        ))?
+                        .query_map([p], grant_row)?
                         .collect::<Result<Vec<_>, _>>()?,
-                );
+                    None => c
+                        .prepare_cached(&format!("{GRANT_SELECT} ORDER BY created_ms DESC"))?
+                        .query_map([], grant_row)?
+                        .collect::<Result<Vec<_>, _>>()?,
+                };
+                out.extend(rows);
             } else {
                 let mut st = c.prepare_cached(&format!(
                     "{GRANT_SELECT} WHERE order_id = ?1 ORDER BY created_ms DESC"
@@ -533,6 +578,8 @@ impl Store for SqliteStore {
                         }
                     }
                 }
+                // Newest first over every order, not per order.
+                out.sort_by_key(|g| std::cmp::Reverse(g.created_ms));
             }
             Ok(out)
         })
@@ -642,11 +689,13 @@ impl Store for SqliteStore {
                 "{EVENT_SELECT} WHERE token = ?1 ORDER BY chain, seq"
             ))?;
             let mut out = Vec::new();
-            for t in &tokens {
+            let unique: std::collections::BTreeSet<&String> = tokens.iter().collect();
+            for t in unique {
                 for e in st.query_map([t], event_row)? {
                     out.push(e?);
                 }
             }
+            out.sort_by(|a, b| (&a.chain, a.seq).cmp(&(&b.chain, b.seq)));
             Ok(out)
         })
         .await
@@ -695,8 +744,12 @@ impl Store for SqliteStore {
         keys: Vec<(FieldKind, [u8; 32])>,
     ) -> Result<Vec<Vec<TokenId>>, StoreError> {
         self.read(move |c| {
-            let mut st =
-                c.prepare_cached("SELECT id FROM tokens WHERE kind = ?1 AND fingerprint = ?2")?;
+            // Each half reads one of the two partial indexes.
+            let mut st = c.prepare_cached(
+                "SELECT id FROM tokens WHERE kind = ?1 AND fingerprint = ?2 AND deterministic = 1
+                 UNION ALL
+                 SELECT id FROM tokens WHERE kind = ?1 AND fingerprint = ?2 AND deterministic = 0",
+            )?;
             keys.iter()
                 .map(|(kind, fp)| {
                     st.query_map(params![kind.code(), &fp[..]], |r| r.get(0))?
@@ -995,12 +1048,19 @@ impl Writer {
                 )?
                 .execute(params![k.version, k.algorithm, k.wrapped, k.state, k.created_ms, k.reserved as i64])?;
         }
-        for (version, upto) in &b.reserve {
+        for r in &b.reserve {
+            let old: i64 = self
+                .conn
+                .prepare_cached("SELECT reserved FROM key_versions WHERE version = ?1")?
+                .query_row([r.version], |row| row.get(0))
+                .optional()?
+                .ok_or_else(|| refused(format!("key version {} is not stored", r.version)))?;
+            let old = old as u64;
+            let new = old.max(old.saturating_add(r.count).min(r.cap));
             self.conn
-                .prepare_cached(
-                    "UPDATE key_versions SET reserved = max(reserved, ?2) WHERE version = ?1",
-                )?
-                .execute(params![version, *upto as i64])?;
+                .prepare_cached("UPDATE key_versions SET reserved = ?2 WHERE version = ?1")?
+                .execute(params![r.version, new as i64])?;
+            out.reserved.push((old, new));
         }
         for p in &b.principals {
             self.conn
@@ -1041,11 +1101,14 @@ impl Writer {
             } else if t.deterministic {
                 // Another request (or an earlier field of this one) stored
                 // the same value first: its token is the token.
-                let existing: TokenId = self
+                let existing: Option<TokenId> = self
                     .conn
                     .prepare_cached("SELECT id FROM tokens WHERE kind = ?1 AND fingerprint = ?2 AND deterministic = 1")?
-                    .query_row(params![t.kind.code(), &t.fingerprint[..]], |r| r.get(0))?;
-                out.token_ids.push(existing);
+                    .query_row(params![t.kind.code(), &t.fingerprint[..]], |r| r.get(0))
+                    .optional()?;
+                // None: the id itself was taken, by another value.
+                out.token_ids
+                    .push(existing.ok_or_else(|| refused("token id collision".into()))?);
             } else {
                 return Err(rusqlite::Error::SqliteFailure(
                     rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CONSTRAINT),
@@ -1103,10 +1166,32 @@ impl Writer {
                 )?
                 .execute(params![name, at])?;
         }
+        let mut added: std::collections::HashMap<(&str, i64), u64> = Default::default();
         for (principal, day, order) in &b.reveal_days {
-            self.conn
+            let n = self
+                .conn
                 .prepare_cached("INSERT OR IGNORE INTO reveal_days (principal, day, order_id) VALUES (?1, ?2, ?3)")?
                 .execute(params![principal, day, &order[..]])?;
+            *added.entry((principal.as_str(), *day)).or_default() += n as u64;
+        }
+        for (principal, day, cap) in &b.daily_caps {
+            let revealed: i64 = self
+                .conn
+                .prepare_cached(
+                    "SELECT count(*) FROM reveal_days WHERE principal = ?1 AND day = ?2",
+                )?
+                .query_row(params![principal, day], |r| r.get(0))?;
+            if revealed as u64 > *cap {
+                let before =
+                    revealed as u64 - added.get(&(principal.as_str(), *day)).copied().unwrap_or(0);
+                return Err(rusqlite::Error::ToSqlConversionFailure(Box::new(
+                    StoreError::DailyCapReached {
+                        principal: principal.clone(),
+                        cap: *cap,
+                        revealed: before,
+                    },
+                )));
+            }
         }
         for c in &b.checkpoints {
             self.conn
