@@ -135,8 +135,15 @@ fn phone_token() -> String {
 }
 
 /// The row id of a token: its 16-byte body.
-fn row_id(token: &str) -> Vec<u8> {
-    VaultToken::parse(token).unwrap().id().to_vec()
+/// The key the token's row is stored under.
+fn row_id(vault: &Vault, token: &str) -> Vec<u8> {
+    let key = vault.engine.storage_key(&VaultToken::parse(token).unwrap());
+    assert_ne!(
+        &key,
+        VaultToken::parse(token).unwrap().id(),
+        "new vaults store tokens under a key other than the token's body"
+    );
+    key.to_vec()
 }
 
 // ---------------------------------------------------------------------------
@@ -778,7 +785,7 @@ fn ciphertext(vault: &Vault, token: &str) -> (Vec<u8>, i64) {
         .sql()
         .query_row(
             "SELECT ciphertext, key_version FROM tokens WHERE id = ?1",
-            [row_id(token)],
+            [row_id(vault, token)],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .unwrap()
@@ -789,7 +796,7 @@ fn overwrite(vault: &Vault, token: &str, ciphertext: &[u8], key_version: i64) {
         .sql()
         .execute(
             "UPDATE tokens SET ciphertext = ?2, key_version = ?3 WHERE id = ?1",
-            rusqlite::params![row_id(token), ciphertext, key_version],
+            rusqlite::params![row_id(vault, token), ciphertext, key_version],
         )
         .unwrap();
     assert_eq!(changed, 1);

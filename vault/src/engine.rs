@@ -29,9 +29,9 @@ use crate::kinds::{FieldKind, InvalidValue};
 use crate::policy::{Limits, Permission, Policy, Purpose, Rate, RolePolicy, Visibility};
 use crate::store::{
     AlertRecord, GrantFilter, GrantRecord, OrderRecord, PrincipalRecord, Reservation, Store,
-    StoreError, TokenId, TokenRecord, WriteBatch,
+    StoreError, TokenId, TokenRecord, WriteBatch, permuted::PermutedStore,
 };
-use crate::token::{Token, TokenClass};
+use crate::token::{TIME_ORDERED_V1, Token, TokenClass, TokenIds};
 
 /// Most fields (or tokens) in one request.
 pub const MAX_FIELDS_PER_REQUEST: usize = 1000;
@@ -45,6 +45,9 @@ const RESERVE_BLOCK: u64 = 1 << 16;
 pub const META_FINGERPRINT_ROOT: &str = "fingerprint_root";
 /// Meta key set last by `init`: the vault is complete.
 pub const META_INITIALIZED: &str = "initialized";
+/// Metadata key of how token bodies map to storage keys
+/// ([`crate::token::TIME_ORDERED_V1`]; absent in vaults made before).
+pub const META_TOKEN_IDS: &str = "token_ids";
 /// Metadata key of the policy text every node of a shared store enforces.
 pub const META_POLICY: &str = "policy";
 
@@ -353,6 +356,8 @@ pub(crate) struct PrincipalEntry {
 /// in their own modules (`admin`, `auditor`) as further `impl Engine` blocks.
 pub struct Engine {
     pub(crate) store: Arc<dyn Store>,
+    /// How token bodies map to storage keys; `store` applies it.
+    token_ids: TokenIds,
     pub(crate) keyring: RwLock<Arc<Keyring>>,
     /// The key-encryption key (derived from the master key): wraps new data
     /// keys on rotation. Wiped on drop.
@@ -422,11 +427,29 @@ impl Engine {
         let keys = store.key_versions().await?;
         let keyring = Keyring::load(master, &keys, &root, &BTreeMap::new())
             .map_err(|e| VaultError::FailedPrecondition(e.to_string()))?;
+        let kek = keyring::kek(master);
+        let token_ids = match store.meta(META_TOKEN_IDS).await? {
+            None => TokenIds::Random,
+            Some(v) if v == TIME_ORDERED_V1 => TokenIds::TimeOrdered(Arc::new(
+                keyring::token_permutation(&kek, &root)
+                    .map_err(|e| VaultError::FailedPrecondition(e.to_string()))?,
+            )),
+            Some(_) => {
+                return Err(VaultError::FailedPrecondition(
+                    "the vault stores tokens in a layout this version of ordervault does not know; run the version that created it or a newer one".into(),
+                ));
+            }
+        };
+        let store: Arc<dyn Store> = match &token_ids {
+            TokenIds::Random => store,
+            TokenIds::TimeOrdered(_) => Arc::new(PermutedStore::new(store, token_ids.clone())),
+        };
         let started_ms = clock.now_ms();
         let engine = Engine {
             store,
+            token_ids,
             keyring: RwLock::new(Arc::new(keyring)),
-            kek: keyring::kek(master),
+            kek,
             policy: RwLock::new(Arc::new(policy)),
             principals: RwLock::new(Arc::new(HashMap::new())),
             reserve_lock: tokio::sync::Mutex::new(()),
@@ -444,6 +467,12 @@ impl Engine {
         };
         engine.reload_principals().await?;
         Ok(engine)
+    }
+
+    /// The key `token`'s row is stored under (for tools that read the
+    /// database directly).
+    pub fn storage_key(&self, token: &Token) -> TokenId {
+        self.token_ids.storage_key(token.id())
     }
 
     /// Re-reads principals from the store (after one is added or revoked).
@@ -873,7 +902,7 @@ impl Engine {
                 // row, never to store a new one.
                 Some(id) => (id, Vec::new()),
                 None => {
-                    let id = *Token::generate(TokenClass::Field(f.kind)).id();
+                    let id = self.token_ids.mint(now);
                     let ctx = keyring::field_context(&id, f.kind);
                     (
                         id,
@@ -892,7 +921,8 @@ impl Engine {
                 created_ms: now,
             });
         }
-        let order_token = as_order.then(|| Token::generate(TokenClass::Order));
+        let order_token =
+            as_order.then(|| Token::from_parts(TokenClass::Order, self.token_ids.mint(now)));
         let mut ev = self.event(
             principal,
             Action::Tokenize,

@@ -291,6 +291,22 @@ impl KeyVersion {
     }
 }
 
+/// The permutation between token bodies and storage keys
+/// ([`crate::token::TokenIds`]), derived from the fingerprint root: like
+/// fingerprints, it must stay the same for the life of the vault (data-key
+/// rotation does not touch it; master-key rotation rewraps the root).
+pub fn token_permutation(
+    kek: &SecretKey,
+    fingerprint_root: &[u8],
+) -> Result<crypto::BlockPermutation, KeyringError> {
+    let root = crypto::unwrap_key(kek, FINGERPRINT_ROOT_CONTEXT, fingerprint_root)
+        .map_err(|_: CryptoError| KeyringError::WrongMasterKey)?;
+    Ok(crypto::BlockPermutation::new(&crypto::derive_key(
+        &root,
+        b"ordervault/v1/token-ids",
+    )))
+}
+
 /// The loaded keys. Immutable; replaced as a whole on rotation.
 pub struct Keyring {
     versions: BTreeMap<u32, KeyVersion>,

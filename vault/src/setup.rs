@@ -422,10 +422,17 @@ pub async fn init(
             keyring::state::PRIMARY,
             now,
         )],
-        meta: vec![(
-            engine::META_FINGERPRINT_ROOT.into(),
-            keyring::new_fingerprint_root(&kek),
-        )],
+        meta: vec![
+            (
+                engine::META_FINGERPRINT_ROOT.into(),
+                keyring::new_fingerprint_root(&kek),
+            ),
+            // New vaults store tokens under time-ordered keys.
+            (
+                engine::META_TOKEN_IDS.into(),
+                crate::token::TIME_ORDERED_V1.to_vec(),
+            ),
+        ],
         audit_chain: chain.to_owned(),
         ..Default::default()
     };

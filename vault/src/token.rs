@@ -2,18 +2,21 @@
 //!
 //! A token is `<prefix>_<26 base32 chars>`: the prefix names the field kind
 //! (`ph` phone, `nm` name, ..., `ot` for an order token) and the body is 128
-//! random bits from a CSPRNG. Nothing about the value is in the token, and
-//! because every token contains letters and an underscore it can never be
-//! mistaken for a real phone number, ID number or email address.
+//! bits that look random to anyone without the vault's keys (see
+//! [`TokenIds`]). Nothing about the value is in the token, and because every
+//! token contains letters and an underscore it can never be mistaken for a
+//! real phone number, ID number or email address.
 
 use std::fmt;
 
 use data_encoding::BASE32_NOPAD;
 
-use crate::crypto;
+use std::sync::Arc;
+
+use crate::crypto::{self, BlockPermutation};
 use crate::kinds::FieldKind;
 
-/// Length of the random body in bytes (128 bits).
+/// Length of the body in bytes (128 bits).
 pub const TOKEN_ID_BYTES: usize = 16;
 const BODY_CHARS: usize = 26;
 const ORDER_PREFIX: &str = "ot";
@@ -102,9 +105,67 @@ impl Token {
         }
     }
 
-    /// The random body, the storage key.
+    /// The body, as 16 bytes (see [`TokenIds`] for how it maps to the
+    /// storage key).
     pub fn id(&self) -> &[u8; TOKEN_ID_BYTES] {
         &self.id
+    }
+}
+
+/// How token bodies relate to the keys rows are stored under.
+///
+/// Random 128-bit storage keys scatter every insert over the whole B-tree:
+/// each new token dirties its own page of every index it is in. Time-ordered
+/// keys make inserts appends, but a token must not tell when it was made
+/// (the time of purchase is part of what scammers recite). So the storage key
+/// is `creation time || 96 random bits` and the token body is that key under a
+/// keyed permutation (AES-256 on one block), derived from the fingerprint
+/// root: the body is indistinguishable from random without the key, and
+/// holds 96 random bits even to someone who has it.
+#[derive(Clone, Debug)]
+pub enum TokenIds {
+    /// Vaults created before time-ordered storage: the body is 128 random
+    /// bits and is the storage key.
+    Random,
+    /// Body = permutation(storage key); storage key = creation time in
+    /// milliseconds (low 32 bits, big-endian: it wraps every 49.7 days, which
+    /// moves the insertion point but never makes two keys equal) followed by
+    /// 96 random bits.
+    TimeOrdered(Arc<BlockPermutation>),
+}
+
+/// The value of the `token_ids` metadata entry of a vault whose storage keys
+/// are time-ordered; vaults without the entry use [`TokenIds::Random`].
+pub const TIME_ORDERED_V1: &[u8] = b"time-ordered-v1";
+
+impl TokenIds {
+    /// A new token body, for a token made at `now_ms`.
+    pub fn mint(&self, now_ms: i64) -> [u8; TOKEN_ID_BYTES] {
+        let mut id = crypto::random_bytes::<TOKEN_ID_BYTES>();
+        match self {
+            TokenIds::Random => id,
+            TokenIds::TimeOrdered(p) => {
+                // Truncation intended: the key only needs local order.
+                id[..4].copy_from_slice(&(now_ms as u32).to_be_bytes());
+                p.forward(&id)
+            }
+        }
+    }
+
+    /// The storage key of a token body.
+    pub fn storage_key(&self, body: &[u8; TOKEN_ID_BYTES]) -> [u8; TOKEN_ID_BYTES] {
+        match self {
+            TokenIds::Random => *body,
+            TokenIds::TimeOrdered(p) => p.backward(body),
+        }
+    }
+
+    /// The token body of a storage key.
+    pub fn body(&self, storage_key: &[u8; TOKEN_ID_BYTES]) -> [u8; TOKEN_ID_BYTES] {
+        match self {
+            TokenIds::Random => *storage_key,
+            TokenIds::TimeOrdered(p) => p.forward(storage_key),
+        }
     }
 }
 
@@ -131,6 +192,47 @@ impl fmt::Debug for Token {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn time_ordered() -> TokenIds {
+        TokenIds::TimeOrdered(Arc::new(BlockPermutation::new(
+            &crate::crypto::SecretKey::generate(),
+        )))
+    }
+
+    #[test]
+    fn time_ordered_storage_keys_sort_by_creation_and_bodies_do_not() {
+        let ids = time_ordered();
+        let bodies: Vec<_> = (0..200)
+            .map(|i| ids.mint(1_795_000_000_000 + i * 7))
+            .collect();
+        let keys: Vec<_> = bodies.iter().map(|b| ids.storage_key(b)).collect();
+        assert!(keys.windows(2).all(|w| w[0] < w[1]), "keys follow creation");
+        let ascending = bodies.windows(2).filter(|w| w[0] < w[1]).count();
+        assert!(
+            (40..160).contains(&ascending),
+            "bodies are in no order: {ascending}/199 ascending"
+        );
+        for (b, k) in bodies.iter().zip(&keys) {
+            assert_eq!(&ids.body(k), b);
+        }
+        // 96 random bits follow the time: equal times still give distinct keys.
+        let (a, b) = (ids.mint(5), ids.mint(5));
+        assert_ne!(a, b);
+        assert_eq!(ids.storage_key(&a)[..4], ids.storage_key(&b)[..4]);
+        assert_ne!(ids.storage_key(&a)[4..], ids.storage_key(&b)[4..]);
+    }
+
+    #[test]
+    fn another_key_maps_the_same_body_elsewhere_and_random_ids_are_the_identity() {
+        let (one, two) = (time_ordered(), time_ordered());
+        let body = one.mint(1_000);
+        assert_ne!(one.storage_key(&body), two.storage_key(&body));
+        let random = TokenIds::Random;
+        let body = random.mint(1_000);
+        assert_eq!(random.storage_key(&body), body);
+        assert_eq!(random.body(&body), body);
+        assert_ne!(random.mint(1_000)[..4], random.mint(1_000)[..4]);
+    }
 
     #[test]
     fn round_trips_for_every_class() {

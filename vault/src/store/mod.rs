@@ -13,10 +13,12 @@ use crate::audit::{AuditEvent, StoredEvent};
 use crate::kinds::FieldKind;
 use crate::token::TOKEN_ID_BYTES;
 
+pub mod permuted;
 pub mod postgres;
 pub mod sqlite;
 
-/// A token's storage key (its random body).
+/// A token's id: its body above [`permuted::PermutedStore`], its storage key
+/// below it.
 pub type TokenId = [u8; TOKEN_ID_BYTES];
 
 /// A stored token: everything needed to decrypt and decide, no value.
