@@ -171,19 +171,26 @@ pub struct SqliteStore {
 
 /// WAL frames past which the checkpointer copies the WAL into the database.
 const CHECKPOINT_FRAMES: i64 = 1000;
+/// WAL size past which the writer, between two groups, runs one TRUNCATE
+/// checkpoint; see [`Writer::bound_wal`].
+const WAL_LIMIT_BYTES: u64 = 64 << 20;
 
 /// Copies the WAL back into the database file whenever it has grown, with
 /// PASSIVE checkpoints that never block the writer or readers; the WAL is
-/// then reused from its start by the writer's next transaction.
+/// then reused from its start by the writer's next transaction (or, under
+/// writes that never pause, truncated by the writer: [`Writer::bound_wal`]).
 fn checkpoint_loop(conn: &Connection, stop: &std::sync::atomic::AtomicBool) {
     use std::sync::atomic::Ordering;
     while !stop.load(Ordering::Acquire) {
-        let frames = conn
-            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1))
-            .unwrap_or(0);
-        // Idle or small: look again soon. Large: go straight on.
-        if frames < CHECKPOINT_FRAMES {
-            std::thread::sleep(std::time::Duration::from_millis(50));
+        let (frames, copied) = conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+            })
+            .unwrap_or((0, 0));
+        if frames < CHECKPOINT_FRAMES || copied >= frames {
+            // Small, or all copied and waiting for the writer to start the
+            // WAL again: look again soon. Behind: go straight on.
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
     }
     let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
@@ -289,9 +296,10 @@ impl SqliteStore {
         conn.pragma_update(None, "wal_autocheckpoint", 0)
             .map_err(unavailable)?;
         let (tx, rx) = mpsc::channel();
+        let writer = Writer::new(conn, path);
         let handle = std::thread::Builder::new()
             .name("ordervault-writer".into())
-            .spawn(move || Writer::new(conn).run(rx))
+            .spawn(move || writer.run(rx))
             .map_err(|e| StoreError::Unavailable(format!("cannot start writer thread: {e}")))?;
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let checkpointer = {
@@ -924,14 +932,43 @@ struct Head {
 
 struct Writer {
     conn: Connection,
+    wal: PathBuf,
     heads: std::collections::HashMap<String, Head>,
 }
 
 impl Writer {
-    fn new(conn: Connection) -> Writer {
+    fn new(conn: Connection, db: &Path) -> Writer {
+        let mut wal = db.as_os_str().to_owned();
+        wal.push("-wal");
         Writer {
             conn,
+            wal: wal.into(),
             heads: Default::default(),
+        }
+    }
+
+    /// Keeps the WAL under [`WAL_LIMIT_BYTES`]. The WAL starts again from
+    /// its beginning only when a transaction begins after everything in it
+    /// was copied to the database; under writes that never pause a new
+    /// group is always appended first, and the WAL grew without bound (to
+    /// 700 MiB for 250 MiB of rows, and tens of GB while loading millions of
+    /// tokens). Past the limit the writer itself, holding no transaction,
+    /// runs a TRUNCATE checkpoint: groups wait for the time it takes to copy
+    /// what the checkpoint thread has not copied yet, then the WAL is empty.
+    fn bound_wal(&self) {
+        let size = std::fs::metadata(&self.wal).map(|m| m.len()).unwrap_or(0);
+        if size > WAL_LIMIT_BYTES {
+            let outcome = self
+                .conn
+                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                    r.get::<_, i64>(0)
+                });
+            if !matches!(outcome, Ok(0)) {
+                tracing::warn!(
+                    wal_bytes = size,
+                    "the WAL could not be truncated (readers held it); trying again after the next group"
+                );
+            }
         }
     }
 
@@ -947,6 +984,7 @@ impl Writer {
                 }
             }
             self.commit_group(jobs);
+            self.bound_wal();
         }
     }
 
