@@ -275,7 +275,16 @@ fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>, Failure> {
     })
 }
 
-#[cfg(not(unix))]
+#[cfg(windows)]
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>, Failure> {
+    let mut ctrl_c = tokio::signal::windows::ctrl_c()
+        .map_err(|e| fail(format!("cannot install the Ctrl-C handler: {e}")))?;
+    Ok(async move {
+        ctrl_c.recv().await;
+    })
+}
+
+#[cfg(not(any(unix, windows)))]
 fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>, Failure> {
     Ok(async {
         let _ = tokio::signal::ctrl_c().await;

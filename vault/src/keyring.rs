@@ -6,9 +6,15 @@
 //!   └─ KEK = HKDF(master, "ordervault/v1/kek")
 //!        ├─ wraps DEK v1, v2, ...        (random 256-bit, one per key version)
 //!        │    └─ HKDF(DEK, "ordervault/v1/enc/<kind>") → AEAD key per kind
-//!        └─ wraps the fingerprint root   (random 256-bit, rotated rarely)
-//!             └─ HKDF(root, "ordervault/v1/fp/<kind>") → HMAC key per kind
+//!        └─ wraps the fingerprint root   (random 256-bit, for the vault's life)
+//!             ├─ HKDF(root, "ordervault/v1/fp/<kind>") → HMAC key per kind
+//!             └─ HKDF(root, "ordervault/v1/token-ids") → AES-256 permutation
+//!                  between token bodies and storage keys
 //! ```
+//!
+//! The fingerprint root cannot be replaced without re-keying every stored
+//! row: deterministic tokens are found through its fingerprints and every
+//! token's row through its permutation. Master-key rotation only rewraps it.
 //!
 //! All subkeys and cipher states are derived once when the keyring is
 //! loaded, never per request. A [`Keyring`] is immutable; rotation builds a

@@ -94,12 +94,77 @@ async fn the_wal_stays_bounded_under_writes_that_never_pause() {
         largest / MIB
     );
     // 64 MiB limit, plus what is appended while the forced checkpoint waits
-    // for the group in progress.
+    // for the group in progress or retries after losing a race for the
+    // checkpoint lock (79–82 MiB seen here; 700 MiB without the bound).
     assert!(
-        largest <= 96 * MIB,
+        largest <= 128 * MIB,
         "the WAL reached {} MiB while {} MiB were written",
         largest / MIB,
         written / MIB
+    );
+    store.close().await;
+}
+
+/// Commits `batches` batches of 100 rows from one writer (rows numbered
+/// from `writer`'s own range).
+async fn write(store: &Arc<dyn Store>, writer: u32, batches: u32) {
+    for b in 0..batches {
+        store
+            .commit(WriteBatch {
+                tokens: (0..ROWS).map(|n| row(writer, b, n)).collect(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_holding_an_old_snapshot_lets_the_wal_grow_and_then_it_is_bounded_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vault.db");
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).unwrap());
+    let wal_len = || {
+        std::fs::metadata(dir.path().join("vault.db-wal"))
+            .unwrap()
+            .len()
+    };
+    write(&store, 0, 10).await;
+
+    // Another process's read transaction pins the snapshot of now.
+    let reader = rusqlite::Connection::open(&path).unwrap();
+    reader.execute_batch("BEGIN").unwrap();
+    let seen: i64 = reader
+        .query_row("SELECT count(*) FROM tokens", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(seen, 1000);
+    // 100 MiB of rows: past the bound, which cannot be kept meanwhile.
+    write(&store, 1, 520).await;
+    assert!(
+        wal_len() > 80 * MIB,
+        "the WAL grew past its bound while the reader held it ({} MiB)",
+        wal_len() / MIB
+    );
+    let still: i64 = reader
+        .query_row("SELECT count(*) FROM tokens", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(still, 1000, "the reader kept its snapshot");
+    reader.execute_batch("COMMIT").unwrap();
+    drop(reader);
+
+    // Retries come at most once a second; keep writing until one lands.
+    let mut batches = 0;
+    while wal_len() > 64 * MIB {
+        write(&store, 2 + batches, 1).await;
+        batches += 1;
+        assert!(batches < 100_000, "the WAL was never truncated again");
+        if batches % 50 == 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+    assert_eq!(
+        store.token_count().await.unwrap(),
+        u64::from((10 + 520 + batches) * ROWS)
     );
     store.close().await;
 }

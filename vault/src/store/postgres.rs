@@ -42,7 +42,8 @@ use crate::kinds::FieldKind;
 
 /// Schema migrations, applied in order; `ordervault_schema` records how
 /// many have run.
-const MIGRATIONS: &[&str] = &[r"
+const MIGRATIONS: &[&str] = &[
+    r"
 CREATE TABLE meta (
     key   TEXT PRIMARY KEY,
     value BYTEA NOT NULL
@@ -144,7 +145,12 @@ CREATE TABLE checkpoints (
     note  TEXT NOT NULL,
     PRIMARY KEY (chain, size)
 );
-"];
+",
+    // No schema change: new vaults store tokens under time-ordered keys
+    // (meta `token_ids`), which a build from before would misread as token
+    // bodies. The version bump makes such a build refuse the database.
+    "-- token_ids layout",
+];
 
 /// Advisory lock key serialising migrations ("ordervault" in ASCII).
 const MIGRATION_LOCK: i64 = 0x6f72_6465_7276_6175;

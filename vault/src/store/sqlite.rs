@@ -139,6 +139,10 @@ ALTER TABLE audit_events ADD COLUMN order_token TEXT;
 DROP INDEX tokens_by_fingerprint;
 CREATE INDEX tokens_by_fingerprint ON tokens (kind, fingerprint) WHERE deterministic = 0;
 ",
+    // No schema change: new vaults store tokens under time-ordered keys
+    // (meta `token_ids`), which a build from before would misread as token
+    // bodies. The version bump makes such a build refuse the database.
+    "-- token_ids layout",
 ];
 
 /// Most batches gathered into one transaction.
@@ -174,14 +178,38 @@ const CHECKPOINT_FRAMES: i64 = 1000;
 /// WAL size past which the writer, between two groups, runs one TRUNCATE
 /// checkpoint; see [`Writer::bound_wal`].
 const WAL_LIMIT_BYTES: u64 = 64 << 20;
+/// Longest wait of a TRUNCATE checkpoint for readers of older snapshots.
+const TRUNCATE_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
+/// Pause before trying again after a TRUNCATE checkpoint failed, doubled
+/// after each further failure up to [`TRUNCATE_RETRY_MAX`].
+const TRUNCATE_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
+/// Longest pause between TRUNCATE attempts.
+const TRUNCATE_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+/// At most one warning per this interval about a WAL past its bound.
+const WAL_WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long a statement waits for a lock held by another connection.
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The WAL file of the database at `db`.
+fn wal_path(db: &Path) -> PathBuf {
+    let mut wal = db.as_os_str().to_owned();
+    wal.push("-wal");
+    wal.into()
+}
 
 /// Copies the WAL back into the database file whenever it has grown, with
 /// PASSIVE checkpoints that never block the writer or readers; the WAL is
 /// then reused from its start by the writer's next transaction (or, under
 /// writes that never pause, truncated by the writer: [`Writer::bound_wal`]).
-fn checkpoint_loop(conn: &Connection, stop: &std::sync::atomic::AtomicBool) {
+fn checkpoint_loop(conn: &Connection, wal: &Path, stop: &std::sync::atomic::AtomicBool) {
     use std::sync::atomic::Ordering;
     while !stop.load(Ordering::Acquire) {
+        // Past the bound the writer truncates it: holding the checkpoint
+        // lock now would only make it wait.
+        if std::fs::metadata(wal).map(|m| m.len()).unwrap_or(0) > WAL_LIMIT_BYTES {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            continue;
+        }
         let (frames, copied) = conn
             .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
                 Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
@@ -227,7 +255,7 @@ fn unavailable(e: rusqlite::Error) -> StoreError {
 }
 
 fn configure(conn: &Connection) -> rusqlite::Result<()> {
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     // FULL: the WAL is fsynced at every commit, so an acknowledged write
     // survives power loss, not just a process crash.
@@ -297,6 +325,7 @@ impl SqliteStore {
             .map_err(unavailable)?;
         let (tx, rx) = mpsc::channel();
         let writer = Writer::new(conn, path);
+        let wal = wal_path(path);
         let handle = std::thread::Builder::new()
             .name("ordervault-writer".into())
             .spawn(move || writer.run(rx))
@@ -309,7 +338,7 @@ impl SqliteStore {
                 .map_err(unavailable)?;
             std::thread::Builder::new()
                 .name("ordervault-checkpoint".into())
-                .spawn(move || checkpoint_loop(&conn, &stop))
+                .spawn(move || checkpoint_loop(&conn, &wal, &stop))
                 .map_err(|e| {
                     StoreError::Unavailable(format!("cannot start checkpoint thread: {e}"))
                 })?
@@ -933,16 +962,23 @@ struct Head {
 struct Writer {
     conn: Connection,
     wal: PathBuf,
+    /// After a failed TRUNCATE checkpoint: not before this instant.
+    retry_truncate_at: Option<std::time::Instant>,
+    /// TRUNCATE checkpoints failed in a row.
+    truncate_failures: u32,
+    /// When the WAL bound was last reported as missed.
+    warned_at: Option<std::time::Instant>,
     heads: std::collections::HashMap<String, Head>,
 }
 
 impl Writer {
     fn new(conn: Connection, db: &Path) -> Writer {
-        let mut wal = db.as_os_str().to_owned();
-        wal.push("-wal");
         Writer {
             conn,
-            wal: wal.into(),
+            wal: wal_path(db),
+            retry_truncate_at: None,
+            truncate_failures: 0,
+            warned_at: None,
             heads: Default::default(),
         }
     }
@@ -955,20 +991,48 @@ impl Writer {
     /// tokens). Past the limit the writer itself, holding no transaction,
     /// runs a TRUNCATE checkpoint: groups wait for the time it takes to copy
     /// what the checkpoint thread has not copied yet, then the WAL is empty.
-    fn bound_wal(&self) {
+    ///
+    /// The checkpoint waits at most [`TRUNCATE_WAIT`] for readers on an
+    /// older snapshot (another process holding a read transaction, say),
+    /// not the connection's 5 s busy timeout, and failed attempts are
+    /// retried with a doubling pause (from [`TRUNCATE_RETRY`] up to
+    /// [`TRUNCATE_RETRY_MAX`]): a lingering reader lets the WAL grow as
+    /// before rather than stall every group.
+    fn bound_wal(&mut self) {
+        let now = std::time::Instant::now();
+        if self.retry_truncate_at.is_some_and(|at| now < at) {
+            return;
+        }
         let size = std::fs::metadata(&self.wal).map(|m| m.len()).unwrap_or(0);
-        if size > WAL_LIMIT_BYTES {
-            let outcome = self
-                .conn
-                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
-                    r.get::<_, i64>(0)
-                });
-            if !matches!(outcome, Ok(0)) {
-                tracing::warn!(
-                    wal_bytes = size,
-                    "the WAL could not be truncated (readers held it); trying again after the next group"
-                );
-            }
+        if size <= WAL_LIMIT_BYTES {
+            return;
+        }
+        let _ = self.conn.busy_timeout(TRUNCATE_WAIT);
+        let outcome = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                r.get::<_, i64>(0)
+            });
+        let _ = self.conn.busy_timeout(BUSY_TIMEOUT);
+        if matches!(outcome, Ok(0)) {
+            self.retry_truncate_at = None;
+            self.truncate_failures = 0;
+            return;
+        }
+        let pause = TRUNCATE_RETRY
+            .saturating_mul(1 << self.truncate_failures.min(16))
+            .min(TRUNCATE_RETRY_MAX);
+        self.truncate_failures += 1;
+        self.retry_truncate_at = Some(now + pause);
+        if self
+            .warned_at
+            .is_none_or(|at| now.duration_since(at) >= WAL_WARN_EVERY)
+        {
+            self.warned_at = Some(now);
+            tracing::warn!(
+                wal_bytes = size,
+                "the WAL is past its 64 MiB bound and could not be truncated: a reader (or another process) still uses an older snapshot; retrying"
+            );
         }
     }
 
