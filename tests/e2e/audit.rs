@@ -257,6 +257,124 @@ async fn trace_names_the_courier_whose_records_leaked() {
     vault.stop().await;
 }
 
+/// Seqs of the events a query by `token` returns, all chains.
+async fn events_about(vault: &Vault, token: &str) -> Vec<u64> {
+    let mut s = auditor(vault)
+        .await
+        .query(authed(
+            &vault.key("auditor"),
+            v1::AuditQuery {
+                token: token.to_owned(),
+                chain: "*".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seqs = Vec::new();
+    while let Some(e) = s.message().await.unwrap() {
+        seqs.push(e.seq);
+    }
+    seqs
+}
+
+/// Reveal events are indexed by the revealed token's time-ordered storage
+/// key (so an order's events sit together), not by its random text; the
+/// key is checked by the online Verify, which names a row whose key was
+/// forged to hide it from searches by token. An event without a key is
+/// still found, through its text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reveal_events_are_indexed_by_storage_key_and_a_forged_key_is_named() {
+    let vault = Vault::start().await;
+    let shop = vault.client("shop").await;
+    let day = Duration::from_secs(86_400);
+    let mut tokens = Vec::new();
+    for n in 0..2 {
+        let o = shop.tokenize_order(&order(n)).await.unwrap();
+        shop.grant("courier", &o.order_token, "delivery", day)
+            .await
+            .unwrap();
+        let mine = vec![o.consignee.phone.clone(), o.consignee.address.clone()];
+        let courier = vault.client("courier").await;
+        courier.reveal(&mine).purpose("delivery").await.unwrap();
+        tokens.extend(mine.into_iter().map(|t| t.as_str().to_owned()));
+    }
+    let sql = vault.sql();
+    let reveal_of = |token: &str| -> (i64, Option<Vec<u8>>) {
+        sql.query_row(
+            "SELECT seq, token_key FROM audit_events WHERE action = 'reveal' AND token = ?1",
+            [token],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap()
+    };
+    let key_of = |token: &str| {
+        vault
+            .engine
+            .storage_key(&ordervault::token::Token::parse(token).unwrap())
+            .to_vec()
+    };
+    for t in &tokens {
+        let (seq, key) = reveal_of(t);
+        let body = ordervault::token::Token::parse(t).unwrap().id().to_vec();
+        assert_eq!(
+            key.as_deref(),
+            Some(&key_of(t)[..]),
+            "event {seq} carries the storage key"
+        );
+        assert_ne!(key_of(t), body, "the key is not the token's body");
+        assert_eq!(
+            events_about(&vault, t).await,
+            vec![seq as u64],
+            "found by token"
+        );
+    }
+    // The fields of one order are created in one request, at one time:
+    // their keys, unlike their texts, start alike.
+    assert_eq!(key_of(&tokens[0])[..4], key_of(&tokens[1])[..4]);
+    let mut grpc = auditor(&vault).await;
+    let verify = |grpc: &mut AuditServiceClient<tonic::transport::Channel>| {
+        let key = vault.key("auditor");
+        let mut grpc = grpc.clone();
+        async move {
+            grpc.verify(authed(&key, v1::VerifyRequest {}))
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    assert!(verify(&mut grpc).await.ok);
+
+    // An insider re-keys the first reveal's event to another token's key:
+    // a search for the first token no longer finds it through the index,
+    // a search for the other does not return it (its leaf names another
+    // token), and the online Verify names the row.
+    let (seq, _) = reveal_of(&tokens[0]);
+    sql.execute(
+        "UPDATE audit_events SET token_key = ?1 WHERE seq = ?2",
+        rusqlite::params![key_of(&tokens[2]), seq],
+    )
+    .unwrap();
+    assert!(events_about(&vault, &tokens[0]).await.is_empty());
+    let (other, _) = reveal_of(&tokens[2]);
+    assert_eq!(events_about(&vault, &tokens[2]).await, vec![other as u64]);
+    let bad = verify(&mut grpc).await;
+    assert!(!bad.ok);
+    assert_eq!(bad.chains[0].first_bad_seq, seq as u64, "{bad:?}");
+    assert!(bad.chains[0].problem.contains("token key"), "{bad:?}");
+
+    // Without a key the event is found by its text, and nothing is wrong.
+    sql.execute(
+        "UPDATE audit_events SET token_key = NULL WHERE seq = ?1",
+        [seq],
+    )
+    .unwrap();
+    assert_eq!(events_about(&vault, &tokens[0]).await, vec![seq as u64]);
+    assert!(verify(&mut grpc).await.ok);
+    vault.stop().await;
+}
+
 /// Drives enough activity to have a few checkpoints, returns (export path, pubkey).
 async fn exported(vault: &Vault, rounds: usize) -> (std::path::PathBuf, String) {
     let shop = vault.client("shop").await;

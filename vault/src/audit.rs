@@ -232,8 +232,31 @@ pub struct StoredEvent {
     pub decision: String,
     /// Indexed copy: token.
     pub token: Option<String>,
+    /// Indexed copy: the token's id, by which events are found in vaults
+    /// with time-ordered storage keys (the storage key in the store, the
+    /// token body above [`crate::store::permuted::PermutedStore`]). `None`
+    /// where the event was looked up by its text instead: events written
+    /// before the column existed, and every event of a vault that stores
+    /// tokens under their bodies. See [`token_key_matches`].
+    pub token_key: Option<[u8; crate::token::TOKEN_ID_BYTES]>,
     /// Indexed copy: timestamp.
     pub ts_ms: i64,
+}
+
+/// Whether an event's `token_key`, read through the vault's own
+/// [`crate::store::Store`] (so holding the token body), names the token in
+/// its `token` column. Absent is always consistent: such events are found
+/// by their text. A key that names another token would hide the event
+/// from searches by token (leak traces), so verification rejects it.
+pub fn token_key_matches(e: &StoredEvent) -> bool {
+    match e.token_key {
+        None => true,
+        Some(key) => e
+            .token
+            .as_deref()
+            .and_then(|t| crate::token::Token::parse(t).ok())
+            .is_some_and(|t| *t.id() == key),
+    }
 }
 
 /// Why a log failed verification: the first bad event and what is wrong.
@@ -336,6 +359,7 @@ mod tests {
                     action: ev.action.as_str().into(),
                     decision: ev.decision.as_str().into(),
                     token: ev.token.clone(),
+                    token_key: None,
                     ts_ms: ev.ts_ms,
                 }
             })

@@ -24,7 +24,7 @@ use crate::evidence;
 use crate::kinds::FieldKind;
 use crate::merkle::{self, CompactTree};
 use crate::policy::Permission;
-use crate::store::{AuditFilter, StoredCheckpoint, WriteBatch};
+use crate::store::{AuditFilter, StoredCheckpoint, TokenLookup, WriteBatch};
 use crate::token::{Token, TokenClass};
 
 /// Meta key of the wrapped checkpoint-signing seed.
@@ -65,7 +65,10 @@ impl Query {
         let eq = |want: &Option<String>, have: Option<&str>| {
             want.as_deref().is_none_or(|w| Some(w) == have)
         };
-        eq(&self.role, Some(e.role.as_str()))
+        // The token is matched by an indexed key as well as the text: an
+        // answer must also hold the token in its signed leaf.
+        eq(&self.indexed.token, e.token.as_deref())
+            && eq(&self.role, Some(e.role.as_str()))
             && eq(&self.purpose, e.purpose.as_deref())
             && eq(&self.kind, e.kind.as_deref())
             && eq(&self.order_token, e.order_token.as_deref())
@@ -414,6 +417,16 @@ impl Engine {
                 }
                 for e in &page {
                     events += 1;
+                    // The token key is the vault's own secret mapping, so
+                    // only this online verification can check it.
+                    if !audit::token_key_matches(e) {
+                        failure = Some(audit::VerifyError {
+                            seq: e.seq,
+                            problem: "the indexed token key names another token (row edited)"
+                                .into(),
+                        });
+                        break;
+                    }
                     let checked = match merkle.as_mut() {
                         // This node's chain: decode once, check the indexed
                         // columns, then hashes and Merkle tree.
@@ -583,7 +596,7 @@ impl Engine {
             }
         }
         // Who revealed which leaked record, and how.
-        let all_tokens: Vec<String> = token_record.keys().cloned().collect();
+        let all_tokens: Vec<TokenLookup> = token_record.keys().map(TokenLookup::text).collect();
         let events = self.store.audit_by_tokens(all_tokens).await?;
         #[derive(Default)]
         struct Acc {

@@ -23,8 +23,8 @@ use ordervault::store::postgres;
 use ordervault::store::sqlite::SqliteStore;
 use ordervault::store::{
     AlertRecord, AuditFilter, Committed, GrantFilter, GrantRecord, OrderRecord, PrincipalRecord,
-    Reservation, Rewrapped, Store, StoreError, StoredCheckpoint, StoredKey, TokenId, TokenRecord,
-    WriteBatch,
+    Reservation, Rewrapped, Store, StoreError, StoredCheckpoint, StoredKey, TokenId, TokenLookup,
+    TokenRecord, WriteBatch,
 };
 use secrecy::SecretString;
 use tokio::sync::Barrier;
@@ -2617,6 +2617,7 @@ async fn audit_query(be: &str, store: &dyn Store) {
                 action: s("reveal"),
                 decision: s("allowed"),
                 token: s("nm_2"),
+                token_key: None,
                 since_ms: Some(T0 + 10),
                 until_ms: Some(T0 + 101),
             },
@@ -2694,7 +2695,10 @@ async fn audit_by_tokens(be: &str, store: &dyn Store) {
         v.into_iter().map(|e| (e.chain, e.seq)).collect()
     };
     for token in ["ph_1", "nm_2", "ad_3", "em_4", "zz_unknown"] {
-        let got = store.audit_by_tokens(vec![token.to_owned()]).await.must(be);
+        let got = store
+            .audit_by_tokens(vec![TokenLookup::text(token)])
+            .await
+            .must(be);
         assert!(
             got.iter().all(|e| e.token.as_deref() == Some(token)),
             "{be}: audit_by_tokens({token}) returned another token's events"
@@ -2706,7 +2710,7 @@ async fn audit_by_tokens(be: &str, store: &dyn Store) {
         );
     }
     let got = store
-        .audit_by_tokens(vec!["ph_1".to_owned(), "ad_3".to_owned()])
+        .audit_by_tokens(vec![TokenLookup::text("ph_1"), TokenLookup::text("ad_3")])
         .await
         .must(be);
     assert_eq!(
@@ -2723,7 +2727,7 @@ async fn audit_by_tokens(be: &str, store: &dyn Store) {
 async fn audit_by_several_tokens_sorted(be: &str, store: &dyn Store) {
     let appended = append_query_fixture(be, store).await;
     let got = store
-        .audit_by_tokens(vec!["nm_2".to_owned(), "ph_1".to_owned()])
+        .audit_by_tokens(vec![TokenLookup::text("nm_2"), TokenLookup::text("ph_1")])
         .await
         .must(be);
     assert_eq!(
@@ -2733,6 +2737,97 @@ async fn audit_by_several_tokens_sorted(be: &str, store: &dyn Store) {
         by_tokens_reference(&appended, &["nm_2", "ph_1"]),
         "{be}: audit_by_tokens of several tokens: in (chain, seq) order (Store::audit_by_tokens)"
     );
+}
+
+/// Events stored with a token key are found through the key; those stored
+/// without one (older events) through their text, so a lookup by key and
+/// text finds both, and one by text alone only the latter.
+async fn audit_by_token_keys(be: &str, store: &dyn Store) {
+    use Action::Reveal;
+    use Decision::Allowed;
+    const CHAIN: &str = "keyed";
+    let (k1, k2) = ([0x11; 16], [0x22; 16]);
+    let ev =
+        |ts: i64, token: &str| about(event(T0 + ts, "alice", Reveal, Allowed), Some(token), None);
+    // seq 1: ph_k1 with its key; seq 2: ph_k1 without (an older event).
+    let mut batch = audit_batch(CHAIN, vec![ev(0, "ph_k1"), ev(1, "ph_k1")]);
+    batch.audit_token_keys = vec![Some(k1)];
+    commit(be, store, batch).await;
+    // seq 3: ph_k2 with its key; seq 4: ph_k1 with its key; seq 5: no token.
+    let mut batch = audit_batch(
+        CHAIN,
+        vec![
+            ev(2, "ph_k2"),
+            ev(3, "ph_k1"),
+            event(T0 + 4, "alice", Reveal, Allowed),
+        ],
+    );
+    batch.audit_token_keys = vec![Some(k2), Some(k1), None];
+    commit(be, store, batch).await;
+
+    let stored = store.audit_events(CHAIN, 1, 100).await.must(be);
+    assert_eq!(
+        stored.iter().map(|e| e.token_key).collect::<Vec<_>>(),
+        vec![Some(k1), None, Some(k2), Some(k1), None],
+        "{be}: token keys read back as written, none where the batch gave none"
+    );
+    let seqs = |v: Vec<StoredEvent>| -> Vec<u64> { v.into_iter().map(|e| e.seq).collect() };
+    let keyed = |text: &str, key: TokenId| TokenLookup {
+        text: text.to_owned(),
+        key: Some(key),
+    };
+    let got = store
+        .audit_by_tokens(vec![keyed("ph_k1", k1)])
+        .await
+        .must(be);
+    assert_eq!(
+        seqs(got),
+        vec![1, 2, 4],
+        "{be}: by key and text: both kinds of event"
+    );
+    let got = store
+        .audit_by_tokens(vec![TokenLookup::text("ph_k1")])
+        .await
+        .must(be);
+    assert_eq!(
+        seqs(got),
+        vec![2],
+        "{be}: by text alone: only events stored without a key"
+    );
+    let got = store
+        .audit_by_tokens(vec![keyed("ph_k2", k2), keyed("ph_k1", k1)])
+        .await
+        .must(be);
+    assert_eq!(
+        seqs(got),
+        vec![1, 2, 3, 4],
+        "{be}: several keyed lookups, in seq order"
+    );
+    let got = store
+        .audit_by_tokens(vec![keyed("ph_k1", k2)])
+        .await
+        .must(be);
+    assert_eq!(
+        seqs(got),
+        vec![2, 3],
+        "{be}: the key finds its events whatever their text; the text, unkeyed events"
+    );
+
+    let query = |token_key: Option<TokenId>| AuditFilter {
+        chain: CHAIN.to_owned(),
+        token: Some("ph_k1".to_owned()),
+        token_key,
+        ..Default::default()
+    };
+    let got = store.audit_query(query(Some(k1)), 100).await.must(be);
+    assert_eq!(
+        seqs(got),
+        vec![1, 2, 4],
+        "{be}: audit_query by token with its key"
+    );
+    let got = store.audit_query(query(None), 100).await.must(be);
+    assert_eq!(seqs(got), vec![2], "{be}: audit_query by token text alone");
+    verified_chain(be, store, CHAIN).await;
 }
 
 async fn revealed_records(be: &str, store: &dyn Store) {
@@ -3632,6 +3727,13 @@ async fn audit_by_tokens_spans_chains() {
 async fn audit_by_several_tokens_is_in_chain_seq_order() {
     for b in backends().await {
         audit_by_several_tokens_sorted(b.name, &*b.store).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_events_are_found_by_token_key_or_by_text() {
+    for b in backends().await {
+        audit_by_token_keys(b.name, &*b.store).await;
     }
 }
 

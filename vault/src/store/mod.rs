@@ -164,6 +164,11 @@ pub struct AuditFilter {
     pub decision: Option<String>,
     /// Only events about this token.
     pub token: Option<String>,
+    /// The storage key of `token`, set by
+    /// [`permuted::PermutedStore`]: events carrying it are found through it
+    /// (see [`WriteBatch::audit_token_keys`]); events without one, by the
+    /// text.
+    pub token_key: Option<TokenId>,
     /// Only events at or after this time.
     pub since_ms: Option<i64>,
     /// Only events before this time.
@@ -220,6 +225,34 @@ pub struct WriteBatch {
     pub audit_chain: String,
     /// Audit events to append, in order.
     pub audit: Vec<AuditEvent>,
+    /// The storage key of each audit event's token, index-aligned with
+    /// `audit`; empty, or shorter, for none. Set by
+    /// [`permuted::PermutedStore`] only: with time-ordered keys, an index on
+    /// the key puts the events of tokens created together (an order's
+    /// fields) side by side, where an index on the token text scatters
+    /// every event to a random page. Events stored without a key are found
+    /// by their text.
+    pub audit_token_keys: Vec<Option<TokenId>>,
+}
+
+/// A token to find audit events about: its text, and its storage key where
+/// the vault stores one ([`WriteBatch::audit_token_keys`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenLookup {
+    /// The token as text.
+    pub text: String,
+    /// Its storage key, set by [`permuted::PermutedStore`].
+    pub key: Option<TokenId>,
+}
+
+impl TokenLookup {
+    /// A lookup by text alone.
+    pub fn text(text: impl Into<String>) -> TokenLookup {
+        TokenLookup {
+            text: text.into(),
+            key: None,
+        }
+    }
 }
 
 /// A block of encryptions to reserve under a key version.
@@ -369,8 +402,13 @@ pub trait Store: Send + Sync + 'static {
         filter: AuditFilter,
         limit: usize,
     ) -> Result<Vec<StoredEvent>, StoreError>;
-    /// All events about any of `tokens` (all chains), in (chain, seq) order.
-    async fn audit_by_tokens(&self, tokens: Vec<String>) -> Result<Vec<StoredEvent>, StoreError>;
+    /// All events about any of `tokens` (all chains), in (chain, seq) order:
+    /// those stored with a token key equal to a lookup's key, and those
+    /// stored without one whose token text equals a lookup's text.
+    async fn audit_by_tokens(
+        &self,
+        tokens: Vec<TokenLookup>,
+    ) -> Result<Vec<StoredEvent>, StoreError>;
     /// Distinct records (order tokens, or tokens outside orders) a principal
     /// revealed in plain or masked in `[from_ms, to_ms]`, across all chains.
     async fn revealed_records(

@@ -5,7 +5,10 @@
 //! written together sit together.
 //!
 //! Grant ids and everything else that is not a token id pass unchanged.
-//! Audit events hold tokens as text, which is always the body.
+//! Audit events hold tokens as text, which is always the body; this layer
+//! adds each one's storage key ([`WriteBatch::audit_token_keys`]), by which
+//! the events of tokens created together are indexed side by side, and
+//! finds events through it.
 
 use std::sync::Arc;
 
@@ -13,11 +16,11 @@ use async_trait::async_trait;
 
 use super::{
     AlertRecord, AuditFilter, Committed, GrantFilter, GrantRecord, PrincipalRecord, Store,
-    StoreError, StoredCheckpoint, StoredKey, TokenId, TokenRecord, WriteBatch,
+    StoreError, StoredCheckpoint, StoredKey, TokenId, TokenLookup, TokenRecord, WriteBatch,
 };
 use crate::audit::StoredEvent;
 use crate::kinds::FieldKind;
-use crate::token::TokenIds;
+use crate::token::{Token, TokenIds};
 
 /// See the module documentation.
 pub struct PermutedStore {
@@ -55,6 +58,19 @@ impl PermutedStore {
     fn grant_out(&self, mut g: GrantRecord) -> GrantRecord {
         g.order_id = self.body(&g.order_id);
         g
+    }
+
+    /// The storage key of a token given as text; none for text that is not
+    /// a token.
+    fn text_key(&self, text: &str) -> Option<TokenId> {
+        Token::parse(text).ok().map(|t| self.key(t.id()))
+    }
+
+    fn events_out(&self, mut events: Vec<StoredEvent>) -> Vec<StoredEvent> {
+        for e in &mut events {
+            e.token_key = e.token_key.map(|k| self.body(&k));
+        }
+        events
     }
 }
 
@@ -135,6 +151,11 @@ impl Store for PermutedStore {
         for r in &mut batch.rewraps {
             r.id = self.key(&r.id);
         }
+        batch.audit_token_keys = batch
+            .audit
+            .iter()
+            .map(|e| e.token.as_deref().and_then(|t| self.text_key(t)))
+            .collect();
         let mut committed = self.inner.commit(batch).await?;
         committed.token_ids = self.bodies(std::mem::take(&mut committed.token_ids));
         Ok(committed)
@@ -146,7 +167,7 @@ impl Store for PermutedStore {
         from_seq: u64,
         limit: usize,
     ) -> Result<Vec<StoredEvent>, StoreError> {
-        self.inner.audit_events(chain, from_seq, limit).await
+        Ok(self.events_out(self.inner.audit_events(chain, from_seq, limit).await?))
     }
 
     async fn token_count(&self) -> Result<u64, StoreError> {
@@ -190,14 +211,21 @@ impl Store for PermutedStore {
 
     async fn audit_query(
         &self,
-        filter: AuditFilter,
+        mut filter: AuditFilter,
         limit: usize,
     ) -> Result<Vec<StoredEvent>, StoreError> {
-        self.inner.audit_query(filter, limit).await
+        filter.token_key = filter.token.as_deref().and_then(|t| self.text_key(t));
+        Ok(self.events_out(self.inner.audit_query(filter, limit).await?))
     }
 
-    async fn audit_by_tokens(&self, tokens: Vec<String>) -> Result<Vec<StoredEvent>, StoreError> {
-        self.inner.audit_by_tokens(tokens).await
+    async fn audit_by_tokens(
+        &self,
+        mut tokens: Vec<TokenLookup>,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        for t in &mut tokens {
+            t.key = self.text_key(&t.text);
+        }
+        Ok(self.events_out(self.inner.audit_by_tokens(tokens).await?))
     }
 
     async fn revealed_records(

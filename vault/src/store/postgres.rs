@@ -35,7 +35,7 @@ use tokio_postgres::{Client, NoTls, Row};
 
 use super::{
     AlertRecord, AuditFilter, Committed, GrantFilter, GrantRecord, PrincipalRecord, Store,
-    StoreError, StoredCheckpoint, StoredKey, TokenId, TokenRecord, WriteBatch,
+    StoreError, StoredCheckpoint, StoredKey, TokenId, TokenLookup, TokenRecord, WriteBatch,
 };
 use crate::audit::{self, StoredEvent};
 use crate::kinds::FieldKind;
@@ -150,6 +150,14 @@ CREATE TABLE checkpoints (
     // (meta `token_ids`), which a build from before would misread as token
     // bodies. The version bump makes such a build refuse the database.
     "-- token_ids layout",
+    // Events found by their token's storage key where the vault has one;
+    // see the SQLite store's migration 7.
+    r"
+ALTER TABLE audit_events ADD COLUMN token_key BYTEA;
+DROP INDEX audit_by_token;
+CREATE INDEX audit_by_token ON audit_events (token) WHERE token IS NOT NULL AND token_key IS NULL;
+CREATE INDEX audit_by_token_key ON audit_events (token_key) WHERE token_key IS NOT NULL;
+",
 ];
 
 /// Advisory lock key serialising migrations ("ordervault" in ASCII).
@@ -511,7 +519,7 @@ fn token_row(r: &Row) -> Result<TokenRecord, StoreError> {
     })
 }
 
-const EVENT_SELECT: &str = "SELECT seq, chain, leaf, chain_hash, principal, action, decision, token, ts_ms FROM audit_events";
+const EVENT_SELECT: &str = "SELECT seq, chain, leaf, chain_hash, principal, action, decision, token, ts_ms, token_key FROM audit_events";
 
 fn event_row(r: &Row) -> Result<StoredEvent, StoreError> {
     Ok(StoredEvent {
@@ -523,6 +531,11 @@ fn event_row(r: &Row) -> Result<StoredEvent, StoreError> {
         action: r.get(5),
         decision: r.get(6),
         token: r.get(7),
+        // A key of the wrong length (an edited row) cannot name a token:
+        // verification reports it.
+        token_key: r
+            .get::<_, Option<Vec<u8>>>(9)
+            .map(|k| k.try_into().unwrap_or([0; crate::token::TOKEN_ID_BYTES])),
         ts_ms: r.get(8),
     })
 }
@@ -874,7 +887,8 @@ impl Store for PostgresStore {
                    AND ($3::text IS NULL OR principal = $3)
                    AND ($4::text IS NULL OR action = $4)
                    AND ($5::text IS NULL OR decision = $5)
-                   AND ($6::text IS NULL OR token = $6)
+                   AND ($6::text IS NULL OR token_key = $10::bytea
+                        OR (token_key IS NULL AND token = $6))
                    AND ($7::int8 IS NULL OR ts_ms >= $7)
                    AND ($8::int8 IS NULL OR ts_ms < $8)
                  ORDER BY seq LIMIT $9"
@@ -889,6 +903,7 @@ impl Store for PostgresStore {
                 &f.since_ms,
                 &f.until_ms,
                 &limit,
+                &f.token_key.map(|k| k.to_vec()),
             ],
         )
         .await?
@@ -897,10 +912,26 @@ impl Store for PostgresStore {
         .collect()
     }
 
-    async fn audit_by_tokens(&self, tokens: Vec<String>) -> Result<Vec<StoredEvent>, StoreError> {
+    async fn audit_by_tokens(
+        &self,
+        tokens: Vec<TokenLookup>,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let keys: Vec<Vec<u8>> = tokens
+            .iter()
+            .filter_map(|t| t.key.map(|k| k.to_vec()))
+            .collect();
+        let texts: Vec<&str> = tokens.iter().map(|t| t.text.as_str()).collect();
         self.rows(
-            &format!("{EVENT_SELECT} WHERE token = ANY($1) ORDER BY chain, seq"),
-            &[&tokens],
+            // One index probe per token (see `orders_of_tokens`).
+            &format!(
+                "SELECT e.* FROM UNNEST($1::bytea[]) AS k(key),
+                   LATERAL ({EVENT_SELECT} WHERE token_key = k.key OFFSET 0) AS e
+                 UNION ALL
+                 SELECT e.* FROM (SELECT DISTINCT t FROM UNNEST($2::text[]) AS u(t)) AS k,
+                   LATERAL ({EVENT_SELECT} WHERE token = k.t AND token_key IS NULL OFFSET 0) AS e
+                 ORDER BY chain, seq"
+            ),
+            &[&keys, &texts],
         )
         .await?
         .iter()
@@ -1589,9 +1620,10 @@ impl Writer {
         let mut e_leaf: Vec<Vec<u8>> = Vec::new();
         let mut e_hash: Vec<Vec<u8>> = Vec::new();
         let mut e_order: Vec<Option<&str>> = Vec::new();
+        let mut e_key: Vec<Option<Vec<u8>>> = Vec::new();
         for (b, out) in batches.iter().zip(out.iter_mut()) {
             let chain = b.audit_chain.as_str();
-            for event in &b.audit {
+            for (i, event) in b.audit.iter().enumerate() {
                 let mut head = *self
                     .heads
                     .get(chain)
@@ -1611,13 +1643,20 @@ impl Writer {
                 e_leaf.push(leaf);
                 e_hash.push(head.hash.to_vec());
                 e_order.push(event.order_token.as_deref());
+                e_key.push(
+                    b.audit_token_keys
+                        .get(i)
+                        .copied()
+                        .flatten()
+                        .map(|k| k.to_vec()),
+                );
                 out.audit_seqs.push(seq);
             }
         }
         if !e_chain.is_empty() {
             tx.execute(
-                "INSERT INTO audit_events (chain, seq, ts_ms, principal, action, decision, token, leaf, chain_hash, order_token)
-                 SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::text[], $5::text[], $6::text[], $7::text[], $8::bytea[], $9::bytea[], $10::text[])",
+                "INSERT INTO audit_events (chain, seq, ts_ms, principal, action, decision, token, leaf, chain_hash, order_token, token_key)
+                 SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::text[], $5::text[], $6::text[], $7::text[], $8::bytea[], $9::bytea[], $10::text[], $11::bytea[])",
                 &[
                     &e_chain,
                     &e_seq,
@@ -1629,6 +1668,7 @@ impl Writer {
                     &e_leaf,
                     &e_hash,
                     &e_order,
+                    &e_key,
                 ],
             )
             .await?;

@@ -18,10 +18,11 @@ use tokio::sync::oneshot;
 
 use super::{
     AlertRecord, AuditFilter, Committed, GrantFilter, GrantRecord, PrincipalRecord, Store,
-    StoreError, StoredCheckpoint, StoredKey, TokenId, TokenRecord, WriteBatch,
+    StoreError, StoredCheckpoint, StoredKey, TokenId, TokenLookup, TokenRecord, WriteBatch,
 };
 use crate::audit::{self, StoredEvent};
 use crate::kinds::FieldKind;
+use crate::token::TOKEN_ID_BYTES;
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how
 /// many have run.
@@ -143,6 +144,16 @@ CREATE INDEX tokens_by_fingerprint ON tokens (kind, fingerprint) WHERE determini
     // (meta `token_ids`), which a build from before would misread as token
     // bodies. The version bump makes such a build refuse the database.
     "-- token_ids layout",
+    // Events are found by their token's storage key where the vault has
+    // one (`WriteBatch::audit_token_keys`): time-ordered keys put the
+    // events of tokens created together on the same index pages. The text
+    // index keeps only events without a key.
+    r"
+ALTER TABLE audit_events ADD COLUMN token_key BLOB;
+DROP INDEX audit_by_token;
+CREATE INDEX audit_by_token ON audit_events (token) WHERE token IS NOT NULL AND token_key IS NULL;
+CREATE INDEX audit_by_token_key ON audit_events (token_key) WHERE token_key IS NOT NULL;
+",
 ];
 
 /// Most batches gathered into one transaction.
@@ -547,10 +558,9 @@ impl Store for SqliteStore {
     ) -> Result<Vec<StoredEvent>, StoreError> {
         let chain = chain.to_owned();
         self.read(move |c| {
-            let mut st = c.prepare_cached(
-                "SELECT seq, chain, leaf, chain_hash, principal, action, decision, token, ts_ms
-                 FROM audit_events WHERE chain = ?1 AND seq >= ?2 ORDER BY seq LIMIT ?3",
-            )?;
+            let mut st = c.prepare_cached(&format!(
+                "{EVENT_SELECT} WHERE chain = ?1 AND seq >= ?2 ORDER BY seq LIMIT ?3"
+            ))?;
             st.query_map(params![chain, from_seq as i64, limit as i64], event_row)?
                 .collect()
         })
@@ -703,14 +713,26 @@ impl Store for SqliteStore {
             if let Some(d) = f.decision {
                 add("decision =", d.into());
             }
-            if let Some(t) = f.token {
-                add("token =", t.into());
-            }
             if let Some(s) = f.since_ms {
                 add("ts_ms >=", s.into());
             }
             if let Some(u) = f.until_ms {
                 add("ts_ms <", u.into());
+            }
+            if let Some(t) = f.token {
+                // By key where the event has one, else by text.
+                args.push(t.into());
+                let text = args.len();
+                match f.token_key {
+                    Some(k) => {
+                        args.push(k.to_vec().into());
+                        sql.push_str(&format!(
+                            " AND (token_key = ?{} OR (token_key IS NULL AND token = ?{text}))",
+                            args.len()
+                        ));
+                    }
+                    None => sql.push_str(&format!(" AND token_key IS NULL AND token = ?{text}")),
+                }
             }
             sql.push_str(&format!(" ORDER BY seq LIMIT {limit}"));
             let mut st = c.prepare_cached(&sql)?;
@@ -720,14 +742,26 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn audit_by_tokens(&self, tokens: Vec<String>) -> Result<Vec<StoredEvent>, StoreError> {
+    async fn audit_by_tokens(
+        &self,
+        tokens: Vec<TokenLookup>,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
         self.read(move |c| {
-            let mut st = c.prepare_cached(&format!(
-                "{EVENT_SELECT} WHERE token = ?1 ORDER BY chain, seq"
-            ))?;
             let mut out = Vec::new();
-            let unique: std::collections::BTreeSet<&String> = tokens.iter().collect();
-            for t in unique {
+            let keys: std::collections::BTreeSet<TokenId> =
+                tokens.iter().filter_map(|t| t.key).collect();
+            let mut st = c.prepare_cached(&format!("{EVENT_SELECT} WHERE token_key = ?1"))?;
+            for k in keys {
+                for e in st.query_map([&k[..]], event_row)? {
+                    out.push(e?);
+                }
+            }
+            let texts: std::collections::BTreeSet<&str> =
+                tokens.iter().map(|t| t.text.as_str()).collect();
+            let mut st = c.prepare_cached(&format!(
+                "{EVENT_SELECT} WHERE token = ?1 AND token_key IS NULL"
+            ))?;
+            for t in texts {
                 for e in st.query_map([t], event_row)? {
                     out.push(e?);
                 }
@@ -920,7 +954,7 @@ fn refused(why: String) -> rusqlite::Error {
     )
 }
 
-const EVENT_SELECT: &str = "SELECT seq, chain, leaf, chain_hash, principal, action, decision, token, ts_ms FROM audit_events";
+const EVENT_SELECT: &str = "SELECT seq, chain, leaf, chain_hash, principal, action, decision, token, ts_ms, token_key FROM audit_events";
 
 fn event_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
     let hash: Vec<u8> = r.get(3)?;
@@ -933,6 +967,9 @@ fn event_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
         action: r.get(5)?,
         decision: r.get(6)?,
         token: r.get(7)?,
+        token_key: r
+            .get::<_, Option<Vec<u8>>>(9)?
+            .map(|k| k.try_into().unwrap_or([0; TOKEN_ID_BYTES])),
         ts_ms: r.get(8)?,
     })
 }
@@ -1342,15 +1379,15 @@ impl Writer {
             }
         }
         let chain = b.audit_chain.as_str();
-        for event in &b.audit {
+        for (i, event) in b.audit.iter().enumerate() {
             let mut head = self.head(chain)?;
             let seq = head.next_seq;
             let leaf = audit::encode_leaf(chain, seq, event);
             head.hash = audit::chain_hash(&head.hash, &leaf);
             self.conn
                 .prepare_cached(
-                    "INSERT INTO audit_events (chain, seq, ts_ms, principal, action, decision, token, leaf, chain_hash, order_token)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                    "INSERT INTO audit_events (chain, seq, ts_ms, principal, action, decision, token, leaf, chain_hash, order_token, token_key)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
                 )?
                 .execute(params![
                     chain,
@@ -1362,7 +1399,8 @@ impl Writer {
                     event.token,
                     leaf,
                     &head.hash[..],
-                    event.order_token
+                    event.order_token,
+                    b.audit_token_keys.get(i).copied().flatten().map(|k| k.to_vec())
                 ])?;
             head.next_seq += 1;
             self.heads.insert(chain.to_owned(), head);
