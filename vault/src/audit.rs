@@ -254,8 +254,7 @@ pub fn token_key_matches(e: &StoredEvent) -> bool {
         Some(key) => e
             .token
             .as_deref()
-            .and_then(|t| crate::token::Token::parse(t).ok())
-            .is_some_and(|t| *t.id() == key),
+            .is_some_and(|t| crate::token::Token::spells(t, &key)),
     }
 }
 
