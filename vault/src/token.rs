@@ -9,9 +9,9 @@
 
 use std::fmt;
 
-use data_encoding::BASE32_NOPAD;
+use std::sync::{Arc, LazyLock};
 
-use std::sync::Arc;
+use data_encoding::{Encoding, Specification};
 
 use crate::crypto::{self, BlockPermutation};
 use crate::kinds::FieldKind;
@@ -20,6 +20,15 @@ use crate::kinds::FieldKind;
 pub const TOKEN_ID_BYTES: usize = 16;
 const BODY_CHARS: usize = 26;
 const ORDER_PREFIX: &str = "ot";
+
+/// RFC 4648 base32 in lowercase without padding. Non-zero trailing bits are
+/// refused, so every body has exactly one spelling.
+static BASE32_LOWER: LazyLock<Encoding> = LazyLock::new(|| {
+    let mut spec = Specification::new();
+    spec.symbols.push_str("abcdefghijklmnopqrstuvwxyz234567");
+    spec.check_trailing_bits = true;
+    spec.encoding().expect("a valid base32 specification")
+});
 
 /// What a token stands for: one field of a kind, or an order as a whole.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -66,24 +75,18 @@ impl Token {
     /// Parses the canonical (lowercase) text form.
     pub fn parse(s: &str) -> Result<Token, TokenError> {
         let (prefix, body) = s.split_once('_').ok_or(TokenError::Malformed)?;
-        if body.len() != BODY_CHARS
-            || !body
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || (b'2'..=b'7').contains(&b))
-        {
+        if body.len() != BODY_CHARS {
             return Err(TokenError::Malformed);
         }
-        let class = class_of_prefix(prefix)?;
-        let decoded = BASE32_NOPAD
-            .decode(body.to_ascii_uppercase().as_bytes())
+        let mut id = [0u8; TOKEN_ID_BYTES];
+        // Refuses other symbols (upper case included) and set trailing bits.
+        BASE32_LOWER
+            .decode_mut(body.as_bytes(), &mut id)
             .map_err(|_| TokenError::Malformed)?;
-        let id: [u8; TOKEN_ID_BYTES] = decoded.try_into().map_err(|_| TokenError::Malformed)?;
-        // Reject non-canonical encodings (trailing bits set) so that one id
-        // has exactly one spelling.
-        if Token::from_parts(class, id).to_string() != s {
-            return Err(TokenError::Malformed);
-        }
-        Ok(Token { class, id })
+        Ok(Token {
+            class: class_of_prefix(prefix)?,
+            id,
+        })
     }
 
     /// Whether `text` is the canonical spelling of the token with body
@@ -187,11 +190,10 @@ impl fmt::Display for Token {
             TokenClass::Field(k) => k.token_prefix(),
             TokenClass::Order => ORDER_PREFIX,
         };
-        write!(
-            f,
-            "{prefix}_{}",
-            BASE32_NOPAD.encode(&self.id).to_ascii_lowercase()
-        )
+        let mut body = [0u8; BODY_CHARS];
+        BASE32_LOWER.encode_mut(&self.id, &mut body);
+        let body = std::str::from_utf8(&body).map_err(|_| fmt::Error)?;
+        write!(f, "{prefix}_{body}")
     }
 }
 
