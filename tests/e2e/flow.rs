@@ -490,5 +490,52 @@ async fn a_vault_made_before_time_ordered_keys_keeps_storing_tokens_under_their_
         .await
         .unwrap();
     assert_plain(&revealed, &t, "SO20261122000009");
-    vault.stop().await;
+
+    // Its reveal event holds no token key: searches find it by its text.
+    let sql = vault.sql();
+    let (seq, key): (i64, Option<Vec<u8>>) = sql
+        .query_row(
+            "SELECT seq, token_key FROM audit_events WHERE action = 'reveal' AND token = ?1",
+            [t.as_str()],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(key, None);
+    let auditor = ordervault::engine::Principal {
+        name: "auditor".into(),
+        role: "auditor".into(),
+    };
+    let failure = |reports: Vec<ordervault::auditor::ChainReport>| {
+        reports.into_iter().find_map(|r| r.failure)
+    };
+    assert_eq!(
+        failure(vault.engine.verify_log(&auditor).await.unwrap()),
+        None
+    );
+    // A key on one of its events would move the event out of the text
+    // index and hide it from searches by token; here anyone can compute
+    // the key a newer vault would use (the body), so both verifications
+    // reject any key at all.
+    sql.execute(
+        "UPDATE audit_events SET token_key = ?1 WHERE seq = ?2",
+        rusqlite::params![body(&t).to_vec(), seq],
+    )
+    .unwrap();
+    let bad = failure(vault.engine.verify_log(&auditor).await.unwrap()).unwrap();
+    assert_eq!(bad.seq, seq as u64, "{bad:?}");
+    assert!(bad.problem.contains("token key"), "{bad:?}");
+    drop(sql);
+    let data = vault.data_dir();
+    let _dir = vault.stop().await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ordervault"))
+        .args(["audit", "verify", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("fails verification at seq {seq}: a token key")),
+        "{stderr}"
+    );
 }

@@ -232,29 +232,35 @@ pub struct StoredEvent {
     pub decision: String,
     /// Indexed copy: token.
     pub token: Option<String>,
-    /// Indexed copy: the token's id, by which events are found in vaults
-    /// with time-ordered storage keys (the storage key in the store, the
-    /// token body above [`crate::store::permuted::PermutedStore`]). `None`
-    /// where the event was looked up by its text instead: events written
-    /// before the column existed, and every event of a vault that stores
-    /// tokens under their bodies. See [`token_key_matches`].
-    pub token_key: Option<[u8; crate::token::TOKEN_ID_BYTES]>,
+    /// The token's id, by which events are found in vaults with
+    /// time-ordered storage keys (the storage key in the store, the token
+    /// body above [`crate::store::permuted::PermutedStore`]). Not part of
+    /// the signed leaf: derived with the vault's secret mapping, so only the
+    /// online verification checks it ([`token_key_matches`]). `None` where
+    /// the event is found by its text instead: events written before the
+    /// column existed, and every event of a vault that stores tokens under
+    /// their bodies.
+    pub token_key: Option<crate::store::TokenId>,
     /// Indexed copy: timestamp.
     pub ts_ms: i64,
 }
 
 /// Whether an event's `token_key`, read through the vault's own
-/// [`crate::store::Store`] (so holding the token body), names the token in
-/// its `token` column. Absent is always consistent: such events are found
-/// by their text. A key that names another token would hide the event
-/// from searches by token (leak traces), so verification rejects it.
-pub fn token_key_matches(e: &StoredEvent) -> bool {
+/// [`crate::store::Store`] (so holding the token body), is one the vault
+/// wrote: absent, or, in a vault that `keyed` its events (time-ordered
+/// storage keys), the key of the token in the event's `token` column. An
+/// absent key is always consistent, since such events are found by their
+/// text; any other key would hide the event from searches by token (leak
+/// traces), so verification rejects it.
+pub fn token_key_matches(e: &StoredEvent, keyed: bool) -> bool {
     match e.token_key {
         None => true,
-        Some(key) => e
-            .token
-            .as_deref()
-            .is_some_and(|t| crate::token::Token::spells(t, &key)),
+        Some(key) => {
+            keyed
+                && e.token
+                    .as_deref()
+                    .is_some_and(|t| crate::token::Token::spells(t, &key))
+        }
     }
 }
 

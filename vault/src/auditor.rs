@@ -380,6 +380,7 @@ impl Engine {
         let verifier = NoteVerifier::parse(&self.verifier_key().await?)
             .map_err(|e| VaultError::Internal(format!("own verifier key: {e}")))?;
         let mut reports = Vec::new();
+        let keyed = self.keys_audit_events();
         for chain in self.chains().await? {
             let checkpoints = self.store.checkpoints(&chain).await?;
             let notes: Vec<String> = checkpoints.iter().map(|c| c.note.clone()).collect();
@@ -417,16 +418,6 @@ impl Engine {
                 }
                 for e in &page {
                     events += 1;
-                    // The token key is the vault's own secret mapping, so
-                    // only this online verification can check it.
-                    if !audit::token_key_matches(e) {
-                        failure = Some(audit::VerifyError {
-                            seq: e.seq,
-                            problem: "the indexed token key names another token (row edited)"
-                                .into(),
-                        });
-                        break;
-                    }
                     let checked = match merkle.as_mut() {
                         // This node's chain: decode once, check the indexed
                         // columns, then hashes and Merkle tree.
@@ -446,6 +437,18 @@ impl Engine {
                         },
                         _ => columns.check(e),
                     };
+                    // The token key is the vault's own secret mapping, so
+                    // only this online verification can check it.
+                    let checked = checked.and_then(|()| {
+                        if audit::token_key_matches(e, keyed) {
+                            Ok(())
+                        } else {
+                            Err(audit::VerifyError {
+                                seq: e.seq,
+                                problem: "the token key is not the one this vault wrote for the event's token (row edited)".into(),
+                            })
+                        }
+                    });
                     if let Err(f) = checked {
                         failure = Some(f);
                         break;

@@ -8,7 +8,7 @@
 //!   Merkle tree against the signed checkpoints), in events per second —
 //!   a sequential scan of the `(chain, seq)` primary key, in pages;
 //! * a `TraceLeak` of 10,000 leaked records (name, phone, address) — the
-//!   `tokens_deterministic` / `tokens_by_fingerprint` and `audit_by_token (token)`
+//!   `tokens_deterministic` / `tokens_by_fingerprint` and `audit_by_token_key`
 //!   indexes, then the principals' reveals over the period by
 //!   `audit_by_principal`.
 

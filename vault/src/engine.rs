@@ -475,6 +475,12 @@ impl Engine {
         self.token_ids.storage_key(token.id())
     }
 
+    /// Whether this vault stores its audit events' token keys (vaults with
+    /// time-ordered storage keys do; see [`crate::store::WriteBatch::audit_token_keys`]).
+    pub fn keys_audit_events(&self) -> bool {
+        matches!(self.token_ids, TokenIds::TimeOrdered(_))
+    }
+
     /// Re-reads principals from the store (after one is added or revoked).
     pub async fn reload_principals(&self) -> Result<(), VaultError> {
         let records: Vec<PrincipalRecord> = self.store.principals().await?;

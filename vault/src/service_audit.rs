@@ -67,7 +67,8 @@ fn query_of(m: &v1::AuditQuery, chain: String, after_seq: u64) -> Query {
             action: nonempty(&m.action),
             decision: nonempty(&m.decision),
             token: nonempty(&m.token),
-            // Set by the store in front, from `token`.
+            // Set from `token` by the PermutedStore of a vault with
+            // time-ordered keys.
             token_key: None,
             since_ms: ms(&m.since),
             until_ms: ms(&m.until),

@@ -8,7 +8,6 @@
 //! real phone number, ID number or email address.
 
 use std::fmt;
-
 use std::sync::{Arc, LazyLock};
 
 use data_encoding::{Encoding, Specification};
@@ -89,12 +88,19 @@ impl Token {
         })
     }
 
-    /// Whether `text` is the canonical spelling of the token with body
-    /// `id` (cheaper than parsing `text`: one encoding, no decoding).
+    /// Whether `text` is the canonical spelling of a token with body `id`
+    /// (cheaper than parsing `text`: one encoding into a buffer, no
+    /// decoding).
     pub fn spells(text: &str, id: &[u8; TOKEN_ID_BYTES]) -> bool {
-        text.split_once('_')
-            .and_then(|(prefix, _)| class_of_prefix(prefix).ok())
-            .is_some_and(|class| Token::from_parts(class, *id).to_string() == text)
+        let Some((prefix, body)) = text.split_once('_') else {
+            return false;
+        };
+        if body.len() != BODY_CHARS || class_of_prefix(prefix).is_err() {
+            return false;
+        }
+        let mut expected = [0u8; BODY_CHARS];
+        BASE32_LOWER.encode_mut(id, &mut expected);
+        body.as_bytes() == expected
     }
 
     /// The token's class.

@@ -2827,6 +2827,24 @@ async fn audit_by_token_keys(be: &str, store: &dyn Store) {
     );
     let got = store.audit_query(query(None), 100).await.must(be);
     assert_eq!(seqs(got), vec![2], "{be}: audit_query by token text alone");
+    let got = store
+        .audit_query(
+            AuditFilter {
+                after_seq: 1,
+                principal: Some("alice".to_owned()),
+                since_ms: Some(T0 + 1),
+                until_ms: Some(T0 + 4),
+                ..query(Some(k1))
+            },
+            100,
+        )
+        .await
+        .must(be);
+    assert_eq!(
+        seqs(got),
+        vec![2, 4],
+        "{be}: audit_query by token key with other filters"
+    );
     verified_chain(be, store, CHAIN).await;
 }
 

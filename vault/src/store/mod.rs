@@ -167,7 +167,8 @@ pub struct AuditFilter {
     /// The storage key of `token`, set by
     /// [`permuted::PermutedStore`]: events carrying it are found through it
     /// (see [`WriteBatch::audit_token_keys`]); events without one, by the
-    /// text.
+    /// text. Without it, events stored with a key are not found; ignored
+    /// without `token`.
     pub token_key: Option<TokenId>,
     /// Only events at or after this time.
     pub since_ms: Option<i64>,

@@ -924,7 +924,7 @@ impl Store for PostgresStore {
         self.rows(
             // One index probe per token (see `orders_of_tokens`).
             &format!(
-                "SELECT e.* FROM UNNEST($1::bytea[]) AS k(key),
+                "SELECT e.* FROM (SELECT DISTINCT key FROM UNNEST($1::bytea[]) AS u(key)) AS k,
                    LATERAL ({EVENT_SELECT} WHERE token_key = k.key OFFSET 0) AS e
                  UNION ALL
                  SELECT e.* FROM (SELECT DISTINCT t FROM UNNEST($2::text[]) AS u(t)) AS k,
