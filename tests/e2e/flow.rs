@@ -491,7 +491,8 @@ async fn a_vault_made_before_time_ordered_keys_keeps_storing_tokens_under_their_
         .unwrap();
     assert_plain(&revealed, &t, "SO20261122000009");
 
-    // Its reveal event holds no token key: searches find it by its text.
+    // Its reveal event holds no token key (searches find such events by
+    // their text) and verifies.
     let sql = vault.sql();
     let (seq, key): (i64, Option<Vec<u8>>) = sql
         .query_row(

@@ -25,10 +25,11 @@ fn main() {
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        // The blocking pool runs SQLite store reads, at most eight at a
-        // time (one per read connection), and the odd name lookup. Tokio's default of
-        // up to 512 threads grew it to over 40 under 64 concurrent reveals,
-        // each thread with its own malloc arena keeping freed memory.
+        // The blocking pool runs SQLite store reads, at most eight at a time
+        // (one per read connection), and the odd name lookup. Tokio's
+        // default of up to 512 threads grew it to over 40 under 64
+        // concurrent reveals, each thread with its own malloc arena keeping
+        // freed memory.
         .max_blocking_threads(MAX_BLOCKING_THREADS)
         .build()
     {

@@ -246,6 +246,13 @@ pub struct TokenLookup {
     pub key: Option<TokenId>,
 }
 
+impl WriteBatch {
+    /// The storage key of audit event `i`'s token, if the batch holds one.
+    pub fn audit_token_key(&self, i: usize) -> Option<TokenId> {
+        self.audit_token_keys.get(i).copied().flatten()
+    }
+}
+
 impl TokenLookup {
     /// A lookup by text alone.
     pub fn text(text: impl Into<String>) -> TokenLookup {

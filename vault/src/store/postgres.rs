@@ -1643,13 +1643,7 @@ impl Writer {
                 e_leaf.push(leaf);
                 e_hash.push(head.hash.to_vec());
                 e_order.push(event.order_token.as_deref());
-                e_key.push(
-                    b.audit_token_keys
-                        .get(i)
-                        .copied()
-                        .flatten()
-                        .map(|k| k.to_vec()),
-                );
+                e_key.push(b.audit_token_key(i).map(|k| k.to_vec()));
                 out.audit_seqs.push(seq);
             }
         }

@@ -1059,7 +1059,7 @@ impl Writer {
         let pause = TRUNCATE_RETRY
             .saturating_mul(1 << self.truncate_failures.min(16))
             .min(TRUNCATE_RETRY_MAX);
-        self.truncate_failures += 1;
+        self.truncate_failures = self.truncate_failures.saturating_add(1);
         self.retry_truncate_at = Some(now + pause);
         if self
             .warned_at
@@ -1400,7 +1400,7 @@ impl Writer {
                     leaf,
                     &head.hash[..],
                     event.order_token,
-                    b.audit_token_keys.get(i).copied().flatten().map(|k| k.to_vec())
+                    b.audit_token_key(i).map(|k| k.to_vec())
                 ])?;
             head.next_seq += 1;
             self.heads.insert(chain.to_owned(), head);
