@@ -841,23 +841,35 @@ async fn aes_cap_refuses_without_auto_rotation() {
     };
     let vault = Vault::start_custom(config, Some(POLICY)).await;
     let shop = vault.client("shop").await;
-    let batch = |i: usize| -> Vec<(FieldKind, String)> {
-        (0..10)
+    let batch = |i: usize, n: usize| -> Vec<(FieldKind, String)> {
+        (0..n)
             .map(|j| (FieldKind::OrderDetails, format!("refuse {i}-{j}")))
             .collect()
     };
+    // A phone number (deterministic) first: one of the 50.
+    let phone = vec![(FieldKind::Phone, "+44 20 7946 0018".to_owned())];
+    let held = shop.tokenize(phone.clone()).await.unwrap();
     for i in 0..5 {
-        shop.tokenize(batch(i)).await.unwrap();
+        shop.tokenize(batch(i, if i == 4 { 9 } else { 10 }))
+            .await
+            .unwrap();
     }
-    let err = shop.tokenize(batch(5)).await.unwrap_err();
+    let err = shop.tokenize(batch(5, 10)).await.unwrap_err();
     assert_eq!(err.code(), Some(Code::FailedPrecondition), "{err}");
     assert!(err.to_string().contains("cap of 50"), "{err}");
+    assert_eq!(vault.token_count().await, 50);
+    // A value already held needs no encryption: it still tokenizes, to its
+    // token, at the cap; a new one does not.
+    assert_eq!(shop.tokenize(phone).await.unwrap(), held);
+    let new_phone = vec![(FieldKind::Phone, "+44 20 7946 0019".to_owned())];
+    let err = shop.tokenize(new_phone).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::FailedPrecondition), "{err}");
     assert_eq!(vault.token_count().await, 50);
     let mut rpc = admin_rpc(&vault).await;
     rpc.rotate_key(authed(&vault.key("admin"), v1::RotateKeyRequest::default()))
         .await
         .unwrap();
-    shop.tokenize(batch(5)).await.unwrap();
+    shop.tokenize(batch(5, 10)).await.unwrap();
 }
 
 /// The status code of an RPC's outcome; a refusal must say why.

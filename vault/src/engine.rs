@@ -872,32 +872,45 @@ impl Engine {
             .map(|(f, n)| keyring.fingerprint(f.kind, n))
             .collect();
         // Deterministic kinds reuse the token already held for the value.
-        let det_idx: Vec<usize> = (0..fields.len())
-            .filter(|&i| policy.is_deterministic(fields[i].kind))
-            .collect();
-        let existing = if det_idx.is_empty() {
-            Vec::new()
-        } else {
-            self.store
-                .deterministic_tokens(
-                    det_idx
-                        .iter()
-                        .map(|&i| (fields[i].kind, fingerprints[i]))
-                        .collect(),
-                )
-                .await?
-        };
+        // The writer finds it when it commits (an insert that meets the
+        // value's unique index returns the stored token instead), so every
+        // field is encrypted and no read goes before the commit: one trip
+        // through the store instead of two. Only when the data key cannot
+        // take that many encryptions are the stored tokens looked up first,
+        // so that values already held still tokenize at the key's cap.
         let mut reuse: Vec<Option<TokenId>> = vec![None; fields.len()];
-        for (&i, found) in det_idx.iter().zip(existing) {
-            reuse[i] = found;
-        }
-        let to_encrypt = reuse.iter().filter(|r| r.is_none()).count() as u64;
-        // Claiming may rotate the data key (at its cap): encrypt under the
-        // primary of the keyring the claim was made in.
-        let keyring = if to_encrypt > 0 {
-            self.claim_primary(keyring, to_encrypt).await?
-        } else {
-            keyring
+        let keyring = match self
+            .claim_primary(keyring.clone(), fields.len() as u64)
+            .await
+        {
+            Ok(keyring) => keyring,
+            Err(VaultError::FailedPrecondition(why)) => {
+                let det_idx: Vec<usize> = (0..fields.len())
+                    .filter(|&i| policy.is_deterministic(fields[i].kind))
+                    .collect();
+                if det_idx.is_empty() {
+                    return Err(VaultError::FailedPrecondition(why));
+                }
+                let existing = self
+                    .store
+                    .deterministic_tokens(
+                        det_idx
+                            .iter()
+                            .map(|&i| (fields[i].kind, fingerprints[i]))
+                            .collect(),
+                    )
+                    .await?;
+                for (&i, found) in det_idx.iter().zip(existing) {
+                    reuse[i] = found;
+                }
+                let to_encrypt = reuse.iter().filter(|r| r.is_none()).count() as u64;
+                if to_encrypt > 0 {
+                    self.claim_primary(keyring, to_encrypt).await?
+                } else {
+                    keyring
+                }
+            }
+            Err(e) => return Err(e),
         };
         let key = keyring.primary();
         let now = self.now();
@@ -1034,9 +1047,9 @@ impl Engine {
                 "token #{i} is an order token; order tokens carry no value, reveal the order's field tokens"
             )));
         }
-        let rows = self
+        let (rows, orders) = self
             .store
-            .tokens(tokens.iter().map(|t| *t.id()).collect())
+            .tokens_with_orders(tokens.iter().map(|t| *t.id()).collect())
             .await?;
         // Unknown tokens and kind mismatches fail the request as a whole
         // (they are caller mistakes or probing), audited.
@@ -1061,10 +1074,6 @@ impl Engine {
             }
         }
         let rows: Vec<TokenRecord> = rows.into_iter().flatten().collect();
-        let orders = self
-            .store
-            .orders_of_tokens(rows.iter().map(|r| r.id).collect())
-            .await?;
         let grant_denials = self.grant_check(principal, role, &purpose, &orders).await?;
         // What each token would disclose, before quotas.
         let visibility: Vec<Visibility> = rows

@@ -1763,6 +1763,19 @@ async fn orders(be: &str, store: &dyn Store) {
         Vec::<Vec<TokenId>>::new(),
         "{be}: no ids, no orders"
     );
+    let ids = vec![tid(3), tid(99), oid(1), tid(1), tid(11)];
+    let (rows, of) = store.tokens_with_orders(ids.clone()).await.must(be);
+    assert_eq!(
+        rows,
+        store.tokens(ids.clone()).await.must(be),
+        "{be}: tokens_with_orders reads the rows tokens does"
+    );
+    assert_eq!(
+        of.into_iter().map(sorted).collect::<Vec<_>>(),
+        vec![vec![oid(2), oid(4)], vec![], vec![], vec![oid(1)], vec![]],
+        "{be}: and each held token's orders, in request order; none for \
+         an unknown id or an order token"
+    );
 
     commit_conflict(
         be,

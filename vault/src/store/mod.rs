@@ -387,6 +387,26 @@ pub trait Store: Send + Sync + 'static {
     async fn token_count(&self) -> Result<u64, StoreError>;
     /// For each token, the orders it belongs to.
     async fn orders_of_tokens(&self, ids: Vec<TokenId>) -> Result<Vec<Vec<TokenId>>, StoreError>;
+    /// What a reveal reads, in request order: each token ([`Store::tokens`])
+    /// and, for each one held, the orders it belongs to
+    /// ([`Store::orders_of_tokens`]; empty for unknown ids). A backend that
+    /// can answer both in one trip overrides this.
+    async fn tokens_with_orders(
+        &self,
+        ids: Vec<TokenId>,
+    ) -> Result<(Vec<Option<TokenRecord>>, Vec<Vec<TokenId>>), StoreError> {
+        let rows = self.tokens(ids.clone()).await?;
+        let held: Vec<TokenId> = rows.iter().flatten().map(|r| r.id).collect();
+        let mut found = self.orders_of_tokens(held).await?.into_iter();
+        let orders = rows
+            .iter()
+            .map(|r| match r {
+                Some(_) => found.next().unwrap_or_default(),
+                None => Vec::new(),
+            })
+            .collect();
+        Ok((rows, orders))
+    }
     /// Whether an order token is held.
     async fn order_exists(&self, id: TokenId) -> Result<bool, StoreError>;
     /// Grants matching a filter, newest first.

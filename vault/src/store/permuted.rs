@@ -179,6 +179,19 @@ impl Store for PermutedStore {
         Ok(orders.into_iter().map(|o| self.bodies(o)).collect())
     }
 
+    async fn tokens_with_orders(
+        &self,
+        ids: Vec<TokenId>,
+    ) -> Result<(Vec<Option<TokenRecord>>, Vec<Vec<TokenId>>), StoreError> {
+        let (rows, orders) = self.inner.tokens_with_orders(self.keys(ids)).await?;
+        Ok((
+            rows.into_iter()
+                .map(|r| r.map(|r| self.record_out(r)))
+                .collect(),
+            orders.into_iter().map(|o| self.bodies(o)).collect(),
+        ))
+    }
+
     async fn order_exists(&self, id: TokenId) -> Result<bool, StoreError> {
         self.inner.order_exists(self.key(&id)).await
     }

@@ -426,6 +426,11 @@ impl Drop for SqliteStore {
     }
 }
 
+/// A token row by id, as [`token_row`] reads it.
+const TOKEN_BY_ID: &str = "SELECT kind, key_version, ciphertext, fingerprint, deterministic, created_ms FROM tokens WHERE id = ?1";
+/// The orders a token belongs to.
+const ORDERS_OF_TOKEN: &str = "SELECT order_id FROM order_fields WHERE token_id = ?1";
+
 fn token_row(id: TokenId, row: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRecord> {
     let code: u8 = row.get(0)?;
     let kind = FieldKind::from_code(code).ok_or_else(|| {
@@ -507,9 +512,7 @@ impl Store for SqliteStore {
 
     async fn tokens(&self, ids: Vec<TokenId>) -> Result<Vec<Option<TokenRecord>>, StoreError> {
         self.read(move |c| {
-            let mut st = c.prepare_cached(
-                "SELECT kind, key_version, ciphertext, fingerprint, deterministic, created_ms FROM tokens WHERE id = ?1",
-            )?;
+            let mut st = c.prepare_cached(TOKEN_BY_ID)?;
             ids.iter()
                 .map(|id| st.query_row([&id[..]], |r| token_row(*id, r)).optional())
                 .collect()
@@ -575,11 +578,38 @@ impl Store for SqliteStore {
 
     async fn orders_of_tokens(&self, ids: Vec<TokenId>) -> Result<Vec<Vec<TokenId>>, StoreError> {
         self.read(move |c| {
-            let mut st =
-                c.prepare_cached("SELECT order_id FROM order_fields WHERE token_id = ?1")?;
+            let mut st = c.prepare_cached(ORDERS_OF_TOKEN)?;
             ids.iter()
                 .map(|id| st.query_map([&id[..]], |r| r.get(0))?.collect())
                 .collect()
+        })
+        .await
+    }
+
+    async fn tokens_with_orders(
+        &self,
+        ids: Vec<TokenId>,
+    ) -> Result<(Vec<Option<TokenRecord>>, Vec<Vec<TokenId>>), StoreError> {
+        // One trip to the blocking pool for both: each trip costs a thread
+        // hand-off and a wake-up, more than the two index probes.
+        self.read(move |c| {
+            let mut tokens = c.prepare_cached(TOKEN_BY_ID)?;
+            let mut orders = c.prepare_cached(ORDERS_OF_TOKEN)?;
+            let mut rows = Vec::with_capacity(ids.len());
+            let mut of = Vec::with_capacity(ids.len());
+            for id in &ids {
+                let row = tokens
+                    .query_row([&id[..]], |r| token_row(*id, r))
+                    .optional()?;
+                of.push(match row {
+                    Some(_) => orders
+                        .query_map([&id[..]], |r| r.get(0))?
+                        .collect::<rusqlite::Result<Vec<TokenId>>>()?,
+                    None => Vec::new(),
+                });
+                rows.push(row);
+            }
+            Ok((rows, of))
         })
         .await
     }
