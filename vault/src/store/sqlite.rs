@@ -1,16 +1,20 @@
-//! The embedded SQLite store: WAL, `synchronous=FULL`, one writer thread
-//! doing group commit, and a small pool of read connections.
+//! The embedded SQLite store: WAL, one writer thread doing group commit,
+//! a sync thread that makes every commit durable before it is answered, and
+//! a small pool of read connections.
 //!
 //! Why a single writer thread: SQLite allows one writer at a time anyway, and
 //! a durable commit costs one fsync whatever its size. Gathering every batch
 //! that is waiting when the writer becomes free into one transaction turns
 //! N fsyncs into one, without a timer: under light load a batch is committed
-//! alone and at once. Each batch runs in its own SAVEPOINT, so one batch that
-//! fails (a duplicate principal name, a constraint) does not fail the others.
+//! alone and at once. If one batch of a group fails (a duplicate principal
+//! name, a constraint), the group is rolled back and each batch is retried
+//! alone, so it does not fail the others. The fsync itself runs on the sync
+//! thread ([`Syncer`]) while the writer applies the next group; nothing is
+//! acknowledged before the disk has it, as with `synchronous=FULL`.
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use async_trait::async_trait;
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, params};
@@ -269,7 +273,10 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
     conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     // FULL: the WAL is fsynced at every commit, so an acknowledged write
-    // survives power loss, not just a process crash.
+    // survives power loss, not just a process crash. (The store's writer
+    // connection commits with NORMAL and syncs on its own thread before
+    // answering: see [`Syncer`]. Every other connection, the offline
+    // commands' included, keeps FULL.)
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.set_prepared_statement_cache_capacity(64);
     // 32 MiB of page cache for the writer (negative = KiB): index pages of
@@ -305,6 +312,12 @@ impl SqliteStore {
     /// Opens (creating if needed) the database at `path`, applies
     /// migrations and starts the writer.
     pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        SqliteStore::open_with_sync(path, Box::new(|wal| wal.sync_data()))
+    }
+
+    /// [`SqliteStore::open`], with `sync` making the WAL durable (tests
+    /// put a failing or a gated one in its place).
+    fn open_with_sync(path: &Path, sync: SyncWal) -> Result<SqliteStore, StoreError> {
         #[cfg(unix)]
         if !path.exists() {
             // Create the file owner-only before SQLite does; its -wal and
@@ -334,9 +347,29 @@ impl SqliteStore {
         // writer's commits: the writer is the vault's serial bottleneck.
         conn.pragma_update(None, "wal_autocheckpoint", 0)
             .map_err(unavailable)?;
-        let (tx, rx) = mpsc::channel();
-        let writer = Writer::new(conn, path);
+        // The writer's commits write their WAL frames without waiting for
+        // the disk; the syncer thread makes them durable before any job is
+        // answered (see [`Syncer`]).
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(unavailable)?;
         let wal = wal_path(path);
+        let broken = Arc::new(OnceLock::new());
+        // A rendezvous: the writer hands a group over when the syncer is
+        // free, so while the disk syncs one group the writer applies the
+        // next, and the jobs arriving meanwhile gather into the one after.
+        let (acks, acks_rx) = mpsc::sync_channel(0);
+        let syncer = Syncer {
+            wal: wal.clone(),
+            file: None,
+            sync,
+            broken: broken.clone(),
+        };
+        let syncer = std::thread::Builder::new()
+            .name("ordervault-sync".into())
+            .spawn(move || syncer.run(acks_rx))
+            .map_err(|e| StoreError::Unavailable(format!("cannot start sync thread: {e}")))?;
+        let (tx, rx) = mpsc::channel();
+        let writer = Writer::new(conn, path, acks, syncer, broken);
         let handle = std::thread::Builder::new()
             .name("ordervault-writer".into())
             .spawn(move || writer.run(rx))
@@ -1026,9 +1059,133 @@ struct Head {
     hash: [u8; 32],
 }
 
+/// How the syncer makes the WAL durable: `fdatasync`.
+type SyncWal = Box<dyn FnMut(&std::fs::File) -> std::io::Result<()> + Send>;
+
+/// Committed jobs waiting for their WAL frames to reach the disk.
+type Acks = Vec<(oneshot::Sender<Result<Committed, StoreError>>, Committed)>;
+
+/// Why writes stopped, for every job after a failed sync.
+fn not_durable(why: &str) -> StoreError {
+    StoreError::Unavailable(format!(
+        "the database's log could not be written to disk ({why}); no write is accepted until the vault is restarted"
+    ))
+}
+
+/// Makes committed groups durable, off the writer thread.
+///
+/// With `synchronous=FULL`, SQLite calls `fdatasync` on the WAL inside
+/// every COMMIT, and the writer, the vault's one serial path, waited for
+/// the disk before it could start the next group. The writer's connection
+/// now commits with `synchronous=NORMAL`: SQLite writes the group's WAL
+/// frames and returns. The writer hands the group's answers to this thread,
+/// which runs `fdatasync` on the WAL (one call for every group that
+/// committed since the last) and only then answers: no job is acknowledged
+/// before its frames are on disk, as with FULL, while the writer already
+/// applies the next group. One sync covers every frame written before it,
+/// so an acknowledged group is never behind one that is not.
+///
+/// The WAL's contents reach the database file only through checkpoints,
+/// which under NORMAL still sync the WAL before copying from it and the
+/// database before the WAL is started again, so frames an acknowledgment
+/// counted on are never lost to a WAL reset or truncation.
+///
+/// A sync that fails leaves the WAL's state on disk unknown (and a later
+/// sync may succeed without the lost pages): every waiting job is answered
+/// with an error and the store accepts no further write until restarted.
+/// Readers may meanwhile have seen the unsynced groups; they are in the WAL
+/// and a restart recovers whatever of them reached the disk.
+struct Syncer {
+    wal: PathBuf,
+    /// The WAL, opened at the first sync, with its file identity.
+    file: Option<(std::fs::File, (u64, u64))>,
+    sync: SyncWal,
+    broken: Arc<OnceLock<String>>,
+}
+
+/// A file's identity: device and inode.
+fn file_id(m: &std::fs::Metadata) -> (u64, u64) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        (m.dev(), m.ino())
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = m;
+        (0, 0)
+    }
+}
+
+impl Syncer {
+    fn run(mut self, rx: mpsc::Receiver<Acks>) {
+        while let Ok(mut acks) = rx.recv() {
+            while let Ok(more) = rx.try_recv() {
+                acks.extend(more);
+            }
+            let outcome = match self.broken.get() {
+                Some(why) => Err(why.clone()),
+                None => self.sync_wal(),
+            };
+            match outcome {
+                Ok(()) => {
+                    for (reply, committed) in acks {
+                        let _ = reply.send(Ok(committed));
+                    }
+                }
+                Err(why) => {
+                    if self.broken.set(why.clone()).is_ok() {
+                        tracing::error!(
+                            error = %why,
+                            "the database's log could not be written to disk; writes are refused until the vault is restarted"
+                        );
+                    }
+                    for (reply, _) in acks {
+                        let _ = reply.send(Err(not_durable(&why)));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Syncs the WAL that is at its path now. SQLite removes the WAL only
+    /// when the last connection closes, and the writer's stays open, so
+    /// the file is the one the writer wrote; a changed identity is checked
+    /// all the same (two `statx` calls against a sync's hundreds of µs).
+    fn sync_wal(&mut self) -> Result<(), String> {
+        let id = std::fs::metadata(&self.wal)
+            .map(|m| file_id(&m))
+            .map_err(|e| format!("cannot find the WAL: {e}"))?;
+        if self.file.as_ref().is_none_or(|(_, known)| *known != id) {
+            let file =
+                std::fs::File::open(&self.wal).map_err(|e| format!("cannot open the WAL: {e}"))?;
+            // A new file's directory entry must be durable too.
+            #[cfg(unix)]
+            if let Some(dir) = self.wal.parent() {
+                let dir = if dir.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    dir
+                };
+                std::fs::File::open(dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|e| format!("cannot sync the WAL's directory: {e}"))?;
+            }
+            self.file = Some((file, id));
+        }
+        let (file, _) = self.file.as_ref().ok_or("the WAL is not open")?;
+        (self.sync)(file).map_err(|e| format!("fdatasync failed: {e}"))
+    }
+}
+
 struct Writer {
     conn: Connection,
     wal: PathBuf,
+    /// Committed jobs, to the syncer.
+    acks: mpsc::SyncSender<Acks>,
+    syncer: std::thread::JoinHandle<()>,
+    /// Set by the syncer when a sync failed.
+    broken: Arc<OnceLock<String>>,
     /// After a failed TRUNCATE checkpoint: not before this instant.
     retry_truncate_at: Option<std::time::Instant>,
     /// TRUNCATE checkpoints failed in a row.
@@ -1039,10 +1196,19 @@ struct Writer {
 }
 
 impl Writer {
-    fn new(conn: Connection, db: &Path) -> Writer {
+    fn new(
+        conn: Connection,
+        db: &Path,
+        acks: mpsc::SyncSender<Acks>,
+        syncer: std::thread::JoinHandle<()>,
+        broken: Arc<OnceLock<String>>,
+    ) -> Writer {
         Writer {
             conn,
             wal: wal_path(db),
+            acks,
+            syncer,
+            broken,
             retry_truncate_at: None,
             truncate_failures: 0,
             warned_at: None,
@@ -1117,6 +1283,10 @@ impl Writer {
             self.commit_group(jobs);
             self.bound_wal();
         }
+        // Every group is committed: let the syncer answer the last ones.
+        let Writer { acks, syncer, .. } = self;
+        drop(acks);
+        let _ = syncer.join();
     }
 
     fn head(&mut self, chain: &str) -> rusqlite::Result<Head> {
@@ -1150,25 +1320,39 @@ impl Writer {
     /// copy every touched page to a sub-journal); if any job fails, the
     /// group is rolled back and each job is retried in its own
     /// transaction, so one bad batch cannot fail the others.
+    ///
+    /// Committed jobs are answered by the syncer once the WAL is on disk;
+    /// failed ones at once. After a failed sync nothing more is applied.
     fn commit_group(&mut self, jobs: Vec<Job>) {
-        if jobs.len() > 1 {
-            match self.try_group(&jobs) {
-                Ok(results) => {
-                    for (job, result) in jobs.into_iter().zip(results) {
-                        let _ = job.reply.send(Ok(result));
+        if let Some(why) = self.broken.get() {
+            for job in jobs {
+                let _ = job.reply.send(Err(not_durable(why)));
+            }
+            return;
+        }
+        let mut acks = Vec::with_capacity(jobs.len());
+        let grouped = if jobs.len() > 1 {
+            // On failure, fall through: isolate the failing job.
+            self.try_group(&jobs).ok()
+        } else {
+            None
+        };
+        if let Some(results) = grouped {
+            acks.extend(jobs.into_iter().map(|j| j.reply).zip(results));
+        } else {
+            for job in jobs {
+                match self.try_group(std::slice::from_ref(&job)) {
+                    Ok(mut r) => acks.push((job.reply, r.remove(0))),
+                    Err(e) => {
+                        let _ = job.reply.send(Err(e));
                     }
-                    return;
-                }
-                Err(_) => {
-                    // Fall through: isolate the failing job.
                 }
             }
         }
-        for job in jobs {
-            let result = self
-                .try_group(std::slice::from_ref(&job))
-                .map(|mut r| r.remove(0));
-            let _ = job.reply.send(result);
+        if !acks.is_empty() {
+            // A syncer gone (it never panics) drops the answers: the jobs
+            // see the writer stop before committing, never a false ack.
+            let _ = self.acks.send(acks);
         }
     }
 
@@ -1437,5 +1621,124 @@ impl Writer {
             out.audit_seqs.push(seq);
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta_batch(key: &str) -> WriteBatch {
+        WriteBatch {
+            meta: vec![(key.to_owned(), b"v".to_vec())],
+            ..Default::default()
+        }
+    }
+
+    /// Reads `key` through a connection of its own, as another process
+    /// would.
+    fn stored(db: &Path, key: &str) -> bool {
+        let c = Connection::open(db).expect("open a side connection");
+        c.query_row("SELECT 1 FROM meta WHERE key = ?1", [key], |_| Ok(()))
+            .optional()
+            .expect("read meta")
+            .is_some()
+    }
+
+    /// The writer's commit does not wait for the disk, but its answer does:
+    /// while the WAL's sync is held, the group is committed (another
+    /// connection reads it) and the caller still has no answer.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_commit_is_answered_only_after_the_wal_is_synced() {
+        let dir = tempfile::tempdir().expect("scratch directory");
+        let db = dir.path().join("vault.db");
+        let (entered_tx, entered_rx) = mpsc::channel::<()>();
+        let (release_tx, release_rx) = mpsc::channel::<()>();
+        let syncs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = syncs.clone();
+        let store = Arc::new(
+            SqliteStore::open_with_sync(
+                &db,
+                Box::new(move |wal| {
+                    counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let _ = entered_tx.send(());
+                    let _ = release_rx.recv();
+                    wal.sync_data()
+                }),
+            )
+            .expect("open the store"),
+        );
+        let committing = {
+            let store = store.clone();
+            tokio::spawn(async move { store.commit(meta_batch("first")).await })
+        };
+        tokio::task::spawn_blocking(move || entered_rx.recv().expect("the sync is entered"))
+            .await
+            .expect("waiting task");
+        assert!(
+            stored(&db, "first"),
+            "the group is in the WAL before its sync"
+        );
+        // Time for an answer sent too early to arrive.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(
+            !committing.is_finished(),
+            "no answer while the WAL's sync is held"
+        );
+        release_tx.send(()).expect("release the sync");
+        committing
+            .await
+            .expect("commit task")
+            .expect("the commit is acknowledged after its sync");
+        assert_eq!(syncs.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // Later commits are synced the same way (the gate is open now).
+        drop(release_tx);
+        store
+            .commit(meta_batch("second"))
+            .await
+            .expect("a later commit");
+        assert_eq!(syncs.load(std::sync::atomic::Ordering::SeqCst), 2);
+        store.close();
+    }
+
+    /// A failed sync answers with an error, never an acknowledgment, and the
+    /// store takes no further write: a later sync could succeed without the
+    /// pages the failed one lost.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_sync_acknowledges_nothing_and_stops_writes() {
+        let dir = tempfile::tempdir().expect("scratch directory");
+        let db = dir.path().join("vault.db");
+        let syncs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = syncs.clone();
+        let store = SqliteStore::open_with_sync(
+            &db,
+            Box::new(move |_| {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Err(std::io::Error::other("injected I/O error"))
+            }),
+        )
+        .expect("open the store");
+        let first = store
+            .commit(meta_batch("first"))
+            .await
+            .expect_err("a failed sync is no acknowledgment");
+        let StoreError::Unavailable(why) = &first else {
+            panic!("{first:?}");
+        };
+        assert!(why.contains("could not be written to disk"), "{why}");
+        assert!(why.contains("injected I/O error"), "{why}");
+        assert!(why.contains("restarted"), "{why}");
+        let second = store
+            .commit(meta_batch("second"))
+            .await
+            .expect_err("writes stop after a failed sync");
+        assert!(matches!(second, StoreError::Unavailable(_)), "{second:?}");
+        assert_eq!(
+            syncs.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "nothing more is written or synced after the failure"
+        );
+        store.close();
+        assert!(!stored(&db, "second"), "the refused batch was not applied");
     }
 }
