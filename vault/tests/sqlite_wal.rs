@@ -157,7 +157,10 @@ async fn a_reader_holding_an_old_snapshot_lets_the_wal_grow_and_then_it_is_bound
     while wal_len() > 64 * MIB {
         write(&store, 2 + batches, 1).await;
         batches += 1;
-        assert!(batches < 100_000, "the WAL was never truncated again");
+        assert!(
+            batches < 100_000,
+            "the WAL was never cut back to its bound again"
+        );
         if batches % 50 == 0 {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
