@@ -875,9 +875,13 @@ impl Engine {
         // The writer finds it when it commits (an insert that meets the
         // value's unique index returns the stored token instead), so every
         // field is encrypted and no read goes before the commit: one trip
-        // through the store instead of two. Only when the data key cannot
-        // take that many encryptions are the stored tokens looked up first,
-        // so that values already held still tokenize at the key's cap.
+        // through the store instead of two. The claim counts those
+        // encryptions too, held values included: it bounds how many times
+        // the key has encrypted (its nonces), not how many ciphertexts are
+        // kept, so a key whose values are tokenized again and again reaches
+        // its cap, and rotates, sooner. Only when the data key cannot take
+        // that many encryptions are the stored tokens looked up first, so
+        // that values already held still tokenize at the key's cap.
         let mut reuse: Vec<Option<TokenId>> = vec![None; fields.len()];
         let keyring = match self
             .claim_primary(keyring.clone(), fields.len() as u64)

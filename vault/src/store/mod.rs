@@ -397,7 +397,15 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(Vec<Option<TokenRecord>>, Vec<Vec<TokenId>>), StoreError> {
         let rows = self.tokens(ids.clone()).await?;
         let held: Vec<TokenId> = rows.iter().flatten().map(|r| r.id).collect();
-        let mut found = self.orders_of_tokens(held).await?.into_iter();
+        let asked = held.len();
+        let found = self.orders_of_tokens(held).await?;
+        if found.len() != asked {
+            return Err(StoreError::Unavailable(format!(
+                "the store answered {} order lists for {asked} tokens",
+                found.len()
+            )));
+        }
+        let mut found = found.into_iter();
         let orders = rows
             .iter()
             .map(|r| match r {

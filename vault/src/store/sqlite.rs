@@ -13,6 +13,7 @@
 //! acknowledged before the disk has it, as with `synchronous=FULL`.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -180,6 +181,8 @@ pub struct SqliteStore {
     readers: Arc<Mutex<Vec<Connection>>>,
     /// One permit per read connection.
     read_permits: Arc<tokio::sync::Semaphore>,
+    /// What is committed and what of it is on disk.
+    durability: Arc<Durability>,
     checkpointer: Mutex<
         Option<(
             Arc<std::sync::atomic::AtomicBool>,
@@ -218,9 +221,20 @@ fn wal_path(db: &Path) -> PathBuf {
 /// then reused from its start by the writer's next transaction (under
 /// writes that never pause, once the writer has forced it:
 /// [`Writer::bound_wal`]).
-fn checkpoint_loop(conn: &Connection, wal: &Path, stop: &std::sync::atomic::AtomicBool) {
+fn checkpoint_loop(
+    conn: &Connection,
+    wal: &Path,
+    stop: &std::sync::atomic::AtomicBool,
+    durability: &Durability,
+) {
     use std::sync::atomic::Ordering;
     while !stop.load(Ordering::Acquire) {
+        // After a failed sync the WAL's frames may not match the disk:
+        // copying them into the database could spread the damage.
+        if durability.broken.get().is_some() {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            continue;
+        }
         // Past the bound the writer restarts it: holding the checkpoint
         // lock now would only make it wait.
         if std::fs::metadata(wal).map(|m| m.len()).unwrap_or(0) > WAL_LIMIT_BYTES {
@@ -238,7 +252,9 @@ fn checkpoint_loop(conn: &Connection, wal: &Path, stop: &std::sync::atomic::Atom
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
     }
-    let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+    if durability.broken.get().is_none() {
+        let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+    }
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -277,8 +293,8 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
     // FULL: the WAL is fsynced at every commit, so an acknowledged write
     // survives power loss, not just a process crash. (The store's writer
     // connection commits with NORMAL and syncs on its own thread before
-    // answering: see [`Syncer`]. Every other connection, the offline
-    // commands' included, keeps FULL.)
+    // answering: see [`Syncer`]. Its read and checkpoint connections, and
+    // connections outside the store, keep FULL.)
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.set_prepared_statement_cache_capacity(64);
     // 32 MiB of page cache for the writer (negative = KiB): index pages of
@@ -359,7 +375,11 @@ impl SqliteStore {
         conn.pragma_update(None, "journal_size_limit", WAL_LIMIT_BYTES as i64)
             .map_err(unavailable)?;
         let wal = wal_path(path);
-        let broken = Arc::new(OnceLock::new());
+        let durability = Arc::new(Durability {
+            committed: AtomicU64::new(0),
+            synced: tokio::sync::watch::Sender::new(0),
+            broken: OnceLock::new(),
+        });
         // A rendezvous: the writer hands a group over when the syncer is
         // free, so while the disk syncs one group the writer applies the
         // next, and the jobs arriving meanwhile gather into the one after.
@@ -368,14 +388,14 @@ impl SqliteStore {
             wal: wal.clone(),
             file: None,
             sync,
-            broken: broken.clone(),
+            durability: durability.clone(),
         };
         let syncer = std::thread::Builder::new()
             .name("ordervault-sync".into())
             .spawn(move || syncer.run(acks_rx))
             .map_err(|e| StoreError::Unavailable(format!("cannot start sync thread: {e}")))?;
         let (tx, rx) = mpsc::channel();
-        let writer = Writer::new(conn, path, acks, syncer, broken);
+        let writer = Writer::new(conn, path, acks, syncer, durability.clone());
         let handle = std::thread::Builder::new()
             .name("ordervault-writer".into())
             .spawn(move || writer.run(rx))
@@ -383,12 +403,13 @@ impl SqliteStore {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let checkpointer = {
             let stop = stop.clone();
+            let durability = durability.clone();
             let conn = open_conn(path).map_err(unavailable)?;
             conn.pragma_update(None, "cache_size", -1_024)
                 .map_err(unavailable)?;
             std::thread::Builder::new()
                 .name("ordervault-checkpoint".into())
-                .spawn(move || checkpoint_loop(&conn, &wal, &stop))
+                .spawn(move || checkpoint_loop(&conn, &wal, &stop, &durability))
                 .map_err(|e| {
                     StoreError::Unavailable(format!("cannot start checkpoint thread: {e}"))
                 })?
@@ -399,6 +420,7 @@ impl SqliteStore {
             writer_thread: Mutex::new(Some(handle)),
             readers: Arc::new(Mutex::new(Vec::new())),
             read_permits: Arc::new(tokio::sync::Semaphore::new(MAX_READERS)),
+            durability,
             checkpointer: Mutex::new(Some((stop, checkpointer))),
         })
     }
@@ -418,8 +440,44 @@ impl SqliteStore {
         }
     }
 
-    /// Runs `f` on a pooled read connection on the blocking pool.
+    /// Waits until everything committed so far is on disk. Readers see a
+    /// group as soon as the writer has committed it, before the sync
+    /// thread has made it durable ([`Syncer`]); a read whose answer leaves
+    /// the vault as it is (an audit query, a signed checkpoint, a listing)
+    /// must not show what a power loss could still take back.
+    async fn durable(&self) -> Result<(), StoreError> {
+        let d = &self.durability;
+        let target = d.committed.load(std::sync::atomic::Ordering::Acquire);
+        let mut synced = d.synced.subscribe();
+        loop {
+            if let Some(why) = d.broken.get() {
+                return Err(not_durable(why));
+            }
+            if *synced.borrow_and_update() >= target {
+                return Ok(());
+            }
+            if synced.changed().await.is_err() {
+                return Err(StoreError::Unavailable("the store is closed".into()));
+            }
+        }
+    }
+
+    /// Runs `f` on a pooled read connection on the blocking pool, once
+    /// everything committed before the call is on disk.
     async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        self.durable().await?;
+        self.read_before_commit(f).await
+    }
+
+    /// Runs `f` on a pooled read connection without waiting for the disk:
+    /// only for the reads of tokenize and reveal, whose answers wait for a
+    /// commit (the request's audit event) that is synced after everything
+    /// they read.
+    async fn read_before_commit<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
@@ -550,7 +608,7 @@ impl Store for SqliteStore {
     }
 
     async fn tokens(&self, ids: Vec<TokenId>) -> Result<Vec<Option<TokenRecord>>, StoreError> {
-        self.read(move |c| {
+        self.read_before_commit(move |c| {
             let mut st = c.prepare_cached(TOKEN_BY_ID)?;
             ids.iter()
                 .map(|id| st.query_row([&id[..]], |r| token_row(*id, r)).optional())
@@ -563,7 +621,7 @@ impl Store for SqliteStore {
         &self,
         keys: Vec<(FieldKind, [u8; 32])>,
     ) -> Result<Vec<Option<TokenId>>, StoreError> {
-        self.read(move |c| {
+        self.read_before_commit(move |c| {
             let mut st = c.prepare_cached(
                 "SELECT id FROM tokens WHERE kind = ?1 AND fingerprint = ?2 AND deterministic = 1",
             )?;
@@ -616,7 +674,7 @@ impl Store for SqliteStore {
     }
 
     async fn orders_of_tokens(&self, ids: Vec<TokenId>) -> Result<Vec<Vec<TokenId>>, StoreError> {
-        self.read(move |c| {
+        self.read_before_commit(move |c| {
             let mut st = c.prepare_cached(ORDERS_OF_TOKEN)?;
             ids.iter()
                 .map(|id| st.query_map([&id[..]], |r| r.get(0))?.collect())
@@ -631,7 +689,7 @@ impl Store for SqliteStore {
     ) -> Result<(Vec<Option<TokenRecord>>, Vec<Vec<TokenId>>), StoreError> {
         // One trip to the blocking pool for both: each trip costs a thread
         // hand-off and a wake-up, more than the two index probes.
-        self.read(move |c| {
+        self.read_before_commit(move |c| {
             let mut tokens = c.prepare_cached(TOKEN_BY_ID)?;
             let mut orders = c.prepare_cached(ORDERS_OF_TOKEN)?;
             let mut rows = Vec::with_capacity(ids.len());
@@ -1078,6 +1136,17 @@ fn not_durable(why: &str) -> StoreError {
     ))
 }
 
+/// What the writer has committed and what of it the syncer has made
+/// durable, counted in committed transactions.
+struct Durability {
+    /// Transactions committed; incremented after each COMMIT returns.
+    committed: AtomicU64,
+    /// The highest `committed` count known to be on disk.
+    synced: tokio::sync::watch::Sender<u64>,
+    /// Why writes stopped: set once, by the syncer, when a sync failed.
+    broken: OnceLock<String>,
+}
+
 /// Makes committed groups durable, off the writer thread.
 ///
 /// With `synchronous=FULL`, SQLite calls `fdatasync` on the WAL inside
@@ -1099,14 +1168,16 @@ fn not_durable(why: &str) -> StoreError {
 /// A sync that fails leaves the WAL's state on disk unknown (and a later
 /// sync may succeed without the lost pages): every waiting job is answered
 /// with an error and the store accepts no further write until restarted.
-/// Readers may meanwhile have seen the unsynced groups; they are in the WAL
-/// and a restart recovers whatever of them reached the disk.
+/// Readers see a group once it is committed, before it is synced; the
+/// reads whose answers leave the vault unchanged wait until what they may
+/// see is on disk ([`SqliteStore::durable`]), and the others belong to a
+/// request that answers only after a commit of its own.
 struct Syncer {
     wal: PathBuf,
     /// The WAL, opened at the first sync, with its file identity.
     file: Option<(std::fs::File, (u64, u64))>,
     sync: SyncWal,
-    broken: Arc<OnceLock<String>>,
+    durability: Arc<Durability>,
 }
 
 /// A file's identity: device and inode.
@@ -1129,18 +1200,32 @@ impl Syncer {
             while let Ok(more) = rx.try_recv() {
                 acks.extend(more);
             }
-            let outcome = match self.broken.get() {
+            // Every transaction counted here has written its frames: the
+            // writer counts after COMMIT and hands over after counting.
+            let covered = self
+                .durability
+                .committed
+                .load(std::sync::atomic::Ordering::Acquire);
+            let outcome = match self.durability.broken.get() {
                 Some(why) => Err(why.clone()),
                 None => self.sync_wal(),
             };
             match outcome {
                 Ok(()) => {
+                    self.durability.synced.send_if_modified(|synced| {
+                        let newer = covered > *synced;
+                        *synced = (*synced).max(covered);
+                        newer
+                    });
                     for (reply, committed) in acks {
                         let _ = reply.send(Ok(committed));
                     }
                 }
                 Err(why) => {
-                    if self.broken.set(why.clone()).is_ok() {
+                    let first = self.durability.broken.set(why.clone()).is_ok();
+                    // Wake the reads waiting for the disk: they fail now.
+                    self.durability.synced.send_modify(|_| {});
+                    if first {
                         tracing::error!(
                             error = %why,
                             "the database's log could not be written to disk; writes are refused until the vault is restarted"
@@ -1157,14 +1242,18 @@ impl Syncer {
     /// Syncs the WAL that is at its path now. SQLite removes the WAL only
     /// when the last connection closes, and the writer's stays open, so
     /// the file is the one the writer wrote; a changed identity is checked
-    /// all the same (two `statx` calls against a sync's hundreds of µs).
+    /// all the same (one `statx` call against a sync's hundreds of µs).
     fn sync_wal(&mut self) -> Result<(), String> {
         let id = std::fs::metadata(&self.wal)
             .map(|m| file_id(&m))
             .map_err(|e| format!("cannot find the WAL: {e}"))?;
         if self.file.as_ref().is_none_or(|(_, known)| *known != id) {
-            let file =
-                std::fs::File::open(&self.wal).map_err(|e| format!("cannot open the WAL: {e}"))?;
+            // Read and write: some systems refuse to flush a read-only handle.
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&self.wal)
+                .map_err(|e| format!("cannot open the WAL: {e}"))?;
             // A new file's directory entry must be durable too.
             #[cfg(unix)]
             if let Some(dir) = self.wal.parent() {
@@ -1190,8 +1279,7 @@ struct Writer {
     /// Committed jobs, to the syncer.
     acks: mpsc::SyncSender<Acks>,
     syncer: std::thread::JoinHandle<()>,
-    /// Set by the syncer when a sync failed.
-    broken: Arc<OnceLock<String>>,
+    durability: Arc<Durability>,
     /// After a failed RESTART checkpoint: not before this instant.
     retry_restart_at: Option<std::time::Instant>,
     /// RESTART checkpoints failed in a row.
@@ -1207,14 +1295,14 @@ impl Writer {
         db: &Path,
         acks: mpsc::SyncSender<Acks>,
         syncer: std::thread::JoinHandle<()>,
-        broken: Arc<OnceLock<String>>,
+        durability: Arc<Durability>,
     ) -> Writer {
         Writer {
             conn,
             wal: wal_path(db),
             acks,
             syncer,
-            broken,
+            durability,
             retry_restart_at: None,
             restart_failures: 0,
             warned_at: None,
@@ -1245,6 +1333,10 @@ impl Writer {
     /// [`RESTART_RETRY_MAX`]): a lingering reader lets the WAL grow as
     /// before rather than stall every group.
     fn bound_wal(&mut self) {
+        // After a failed sync nothing more is copied from the WAL.
+        if self.durability.broken.get().is_some() {
+            return;
+        }
         let now = std::time::Instant::now();
         if self.retry_restart_at.is_some_and(|at| now < at) {
             return;
@@ -1335,7 +1427,7 @@ impl Writer {
     /// Committed jobs are answered by the syncer once the WAL is on disk;
     /// failed ones at once. After a failed sync nothing more is applied.
     fn commit_group(&mut self, jobs: Vec<Job>) {
-        if let Some(why) = self.broken.get() {
+        if let Some(why) = self.durability.broken.get() {
             for job in jobs {
                 let _ = job.reply.send(Err(not_durable(why)));
             }
@@ -1360,10 +1452,11 @@ impl Writer {
                 }
             }
         }
-        if !acks.is_empty() {
-            // A syncer gone (it never panics) drops the answers: the jobs
-            // see the writer stop before committing, never a false ack.
-            let _ = self.acks.send(acks);
+        if !acks.is_empty() && self.acks.send(acks).is_err() {
+            // The syncer is gone (it does not panic): the answers are
+            // dropped, so the jobs hear that the writer stopped, never a
+            // false acknowledgment, and nothing more is written.
+            let _ = self.durability.broken.set("the sync thread stopped".into());
         }
     }
 
@@ -1388,6 +1481,9 @@ impl Writer {
                 let _ = self.conn.execute_batch("ROLLBACK");
                 return Err(unavailable(e));
             }
+            self.durability
+                .committed
+                .fetch_add(1, std::sync::atomic::Ordering::Release);
             Ok(results)
         })();
         if outcome.is_err() {
@@ -1658,23 +1754,30 @@ mod tests {
 
     /// The writer's commit does not wait for the disk, but its answer does:
     /// while the WAL's sync is held, the group is committed (another
-    /// connection reads it) and the caller still has no answer.
+    /// connection reads it, from inside the sync) and the caller still has
+    /// no answer; a read whose answer leaves the vault as it is waits for the
+    /// sync too, while the reads of tokenize and reveal do not.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_commit_is_answered_only_after_the_wal_is_synced() {
         let dir = tempfile::tempdir().expect("scratch directory");
         let db = dir.path().join("vault.db");
-        let (entered_tx, entered_rx) = mpsc::channel::<()>();
+        let (entered_tx, entered_rx) = mpsc::channel::<bool>();
         let (release_tx, release_rx) = mpsc::channel::<()>();
         let syncs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counted = syncs.clone();
+        let side = db.clone();
+        let wal = wal_path(&db);
         let store = Arc::new(
             SqliteStore::open_with_sync(
                 &db,
-                Box::new(move |wal| {
+                Box::new(move |file| {
                     counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    let _ = entered_tx.send(());
+                    // The file synced is the WAL, and the group is in it.
+                    let same = std::fs::metadata(&wal).map(|m| file_id(&m)).ok()
+                        == file.metadata().map(|m| file_id(&m)).ok();
+                    let _ = entered_tx.send(same && stored(&side, "first"));
                     let _ = release_rx.recv();
-                    wal.sync_data()
+                    file.sync_data()
                 }),
             )
             .expect("open the store"),
@@ -1683,12 +1786,22 @@ mod tests {
             let store = store.clone();
             tokio::spawn(async move { store.commit(meta_batch("first")).await })
         };
-        tokio::task::spawn_blocking(move || entered_rx.recv().expect("the sync is entered"))
-            .await
-            .expect("waiting task");
+        let entered =
+            tokio::task::spawn_blocking(move || entered_rx.recv().expect("the sync is entered"))
+                .await
+                .expect("waiting task");
         assert!(
-            stored(&db, "first"),
-            "the group is in the WAL before its sync"
+            entered,
+            "the WAL is synced, and the group is in it before its sync"
+        );
+        let listing = {
+            let store = store.clone();
+            tokio::spawn(async move { store.meta("first").await })
+        };
+        assert_eq!(
+            store.tokens(vec![[7; 16]]).await.expect("a reveal's read"),
+            vec![None],
+            "a reveal's read does not wait for the disk"
         );
         // Time for an answer sent too early to arrive.
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -1696,11 +1809,20 @@ mod tests {
             !committing.is_finished(),
             "no answer while the WAL's sync is held"
         );
+        assert!(
+            !listing.is_finished(),
+            "no read of what is not yet on disk while the sync is held"
+        );
         release_tx.send(()).expect("release the sync");
         committing
             .await
             .expect("commit task")
             .expect("the commit is acknowledged after its sync");
+        assert_eq!(
+            listing.await.expect("read task").expect("the read"),
+            Some(b"v".to_vec()),
+            "the read answers once the group is on disk"
+        );
         assert_eq!(syncs.load(std::sync::atomic::Ordering::SeqCst), 1);
         // Later commits are synced the same way (the gate is open now).
         drop(release_tx);
@@ -1749,6 +1871,11 @@ mod tests {
             1,
             "nothing more is written or synced after the failure"
         );
+        let read = store
+            .meta("first")
+            .await
+            .expect_err("what may not be on disk is not read back");
+        assert!(matches!(read, StoreError::Unavailable(_)), "{read:?}");
         store.close();
         assert!(!stored(&db, "second"), "the refused batch was not applied");
     }
