@@ -1600,7 +1600,7 @@ impl Engine {
             Vec::new()
         } else {
             self.store
-                .grants(GrantFilter {
+                .grants_for_reveal(GrantFilter {
                     principal: Some(principal.name.clone()),
                     orders: all.into_iter().collect(),
                 })

@@ -419,6 +419,13 @@ pub trait Store: Send + Sync + 'static {
     async fn order_exists(&self, id: TokenId) -> Result<bool, StoreError>;
     /// Grants matching a filter, newest first.
     async fn grants(&self, filter: GrantFilter) -> Result<Vec<GrantRecord>, StoreError>;
+    /// [`Store::grants`], for a reveal's grant check. The reveal commits
+    /// its audit events before it answers, and that commit is synced after
+    /// this read, so a store whose reads otherwise wait for the disk
+    /// (SQLite) answers at once.
+    async fn grants_for_reveal(&self, filter: GrantFilter) -> Result<Vec<GrantRecord>, StoreError> {
+        self.grants(filter).await
+    }
     /// One grant by id.
     async fn grant(&self, id: [u8; 16]) -> Result<Option<GrantRecord>, StoreError>;
     /// Orders (or bare tokens) a principal revealed on a UTC day.

@@ -202,6 +202,15 @@ impl Store for PermutedStore {
         Ok(grants.into_iter().map(|g| self.grant_out(g)).collect())
     }
 
+    async fn grants_for_reveal(
+        &self,
+        mut filter: GrantFilter,
+    ) -> Result<Vec<GrantRecord>, StoreError> {
+        filter.orders = self.keys(filter.orders);
+        let grants = self.inner.grants_for_reveal(filter).await?;
+        Ok(grants.into_iter().map(|g| self.grant_out(g)).collect())
+    }
+
     async fn grant(&self, id: [u8; 16]) -> Result<Option<GrantRecord>, StoreError> {
         Ok(self.inner.grant(id).await?.map(|g| self.grant_out(g)))
     }

@@ -722,42 +722,12 @@ impl Store for SqliteStore {
     }
 
     async fn grants(&self, filter: GrantFilter) -> Result<Vec<GrantRecord>, StoreError> {
-        self.read(move |c| {
-            let mut out = Vec::new();
-            let principal = filter.principal.clone();
-            if filter.orders.is_empty() {
-                // Separate statements, so the one by principal uses its index.
-                let rows = match principal {
-                    Some(p) => c
-                        .prepare_cached(&format!(
-                            "{GRANT_SELECT} WHERE principal = ?1 ORDER BY created_ms DESC"
-                        ))?
-                        .query_map([p], grant_row)?
-                        .collect::<Result<Vec<_>, _>>()?,
-                    None => c
-                        .prepare_cached(&format!("{GRANT_SELECT} ORDER BY created_ms DESC"))?
-                        .query_map([], grant_row)?
-                        .collect::<Result<Vec<_>, _>>()?,
-                };
-                out.extend(rows);
-            } else {
-                let mut st = c.prepare_cached(&format!(
-                    "{GRANT_SELECT} WHERE order_id = ?1 ORDER BY created_ms DESC"
-                ))?;
-                for o in &filter.orders {
-                    for g in st.query_map([&o[..]], grant_row)? {
-                        let g = g?;
-                        if principal.as_ref().is_none_or(|p| *p == g.principal) {
-                            out.push(g);
-                        }
-                    }
-                }
-                // Newest first over every order, not per order.
-                out.sort_by_key(|g| std::cmp::Reverse(g.created_ms));
-            }
-            Ok(out)
-        })
-        .await
+        self.read(move |c| grants_matching(c, filter)).await
+    }
+
+    async fn grants_for_reveal(&self, filter: GrantFilter) -> Result<Vec<GrantRecord>, StoreError> {
+        self.read_before_commit(move |c| grants_matching(c, filter))
+            .await
     }
 
     async fn grant(&self, id: [u8; 16]) -> Result<Option<GrantRecord>, StoreError> {
@@ -1099,6 +1069,43 @@ fn event_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
             .map(|k| k.try_into().unwrap_or([0; TOKEN_ID_BYTES])),
         ts_ms: r.get(8)?,
     })
+}
+
+/// Grants matching `filter`, newest first.
+fn grants_matching(c: &Connection, filter: GrantFilter) -> rusqlite::Result<Vec<GrantRecord>> {
+    let mut out = Vec::new();
+    let principal = filter.principal.clone();
+    if filter.orders.is_empty() {
+        // Separate statements, so the one by principal uses its index.
+        let rows = match principal {
+            Some(p) => c
+                .prepare_cached(&format!(
+                    "{GRANT_SELECT} WHERE principal = ?1 ORDER BY created_ms DESC"
+                ))?
+                .query_map([p], grant_row)?
+                .collect::<Result<Vec<_>, _>>()?,
+            None => c
+                .prepare_cached(&format!("{GRANT_SELECT} ORDER BY created_ms DESC"))?
+                .query_map([], grant_row)?
+                .collect::<Result<Vec<_>, _>>()?,
+        };
+        out.extend(rows);
+    } else {
+        let mut st = c.prepare_cached(&format!(
+            "{GRANT_SELECT} WHERE order_id = ?1 ORDER BY created_ms DESC"
+        ))?;
+        for o in &filter.orders {
+            for g in st.query_map([&o[..]], grant_row)? {
+                let g = g?;
+                if principal.as_ref().is_none_or(|p| *p == g.principal) {
+                    out.push(g);
+                }
+            }
+        }
+        // Newest first over every order, not per order.
+        out.sort_by_key(|g| std::cmp::Reverse(g.created_ms));
+    }
+    Ok(out)
 }
 
 const GRANT_SELECT: &str = "SELECT id, principal, order_id, purpose, expires_ms, granted_by, created_ms, revoked_ms FROM grants";
@@ -1802,6 +1809,18 @@ mod tests {
             store.tokens(vec![[7; 16]]).await.expect("a reveal's read"),
             vec![None],
             "a reveal's read does not wait for the disk"
+        );
+        let grant_check = GrantFilter {
+            principal: Some("courier".into()),
+            orders: vec![[8; 16]],
+        };
+        assert_eq!(
+            store
+                .grants_for_reveal(grant_check)
+                .await
+                .expect("a reveal's grant check"),
+            Vec::new(),
+            "nor does its grant check"
         );
         // Time for an answer sent too early to arrive.
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
