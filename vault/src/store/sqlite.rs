@@ -376,6 +376,7 @@ impl SqliteStore {
             .map_err(unavailable)?;
         let wal = wal_path(path);
         let durability = Arc::new(Durability {
+            begun: AtomicU64::new(0),
             committed: AtomicU64::new(0),
             synced: tokio::sync::watch::Sender::new(0),
             broken: OnceLock::new(),
@@ -440,20 +441,18 @@ impl SqliteStore {
         }
     }
 
-    /// Waits until everything committed so far is on disk. Readers see a
-    /// group as soon as the writer has committed it, before the sync
-    /// thread has made it durable ([`Syncer`]); a read whose answer leaves
-    /// the vault as it is (an audit query, a signed checkpoint, a listing)
-    /// must not show what a power loss could still take back.
-    async fn durable(&self) -> Result<(), StoreError> {
+    /// Waits until the first `target` transactions are on disk.
+    async fn synced_to(&self, target: u64) -> Result<(), StoreError> {
         let d = &self.durability;
-        let target = d.committed.load(std::sync::atomic::Ordering::Acquire);
         let mut synced = d.synced.subscribe();
         loop {
+            // Seen first, then `broken`: a failure signalled after this
+            // look wakes `changed` below; one signalled before it is set.
+            let done = *synced.borrow_and_update() >= target;
             if let Some(why) = d.broken.get() {
                 return Err(not_durable(why));
             }
-            if *synced.borrow_and_update() >= target {
+            if done {
                 return Ok(());
             }
             if synced.changed().await.is_err() {
@@ -462,15 +461,29 @@ impl SqliteStore {
         }
     }
 
-    /// Runs `f` on a pooled read connection on the blocking pool, once
-    /// everything committed before the call is on disk.
+    /// Runs `f` on a pooled read connection on the blocking pool and
+    /// answers once what it may have seen is on disk. Readers see a group as
+    /// soon as the writer has committed it, before the sync thread has made
+    /// it durable ([`Syncer`]); a read whose answer leaves the vault as it
+    /// is (an audit query, a signed checkpoint, a listing) must not show
+    /// what a power loss could still take back. Every transaction `f` can
+    /// have seen began its COMMIT before `f` returned, so it is counted in
+    /// `begun` as loaded after `f`; the wait is for those.
     async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     {
-        self.durable().await?;
-        self.read_before_commit(f).await
+        let durability = self.durability.clone();
+        let (result, target) = self
+            .read_before_commit(move |c| {
+                let result = f(c);
+                let target = durability.begun.load(std::sync::atomic::Ordering::SeqCst);
+                result.map(|r| (r, target))
+            })
+            .await?;
+        self.synced_to(target).await?;
+        Ok(result)
     }
 
     /// Runs `f` on a pooled read connection without waiting for the disk:
@@ -1144,9 +1157,12 @@ fn not_durable(why: &str) -> StoreError {
 }
 
 /// What the writer has committed and what of it the syncer has made
-/// durable, counted in committed transactions.
+/// durable, counted in COMMIT statements.
 struct Durability {
-    /// Transactions committed; incremented after each COMMIT returns.
+    /// COMMITs started: incremented just before each COMMIT runs.
+    begun: AtomicU64,
+    /// COMMITs finished, whether they succeeded or not: incremented just
+    /// after. Every one counted has written all it will write.
     committed: AtomicU64,
     /// The highest `committed` count known to be on disk.
     synced: tokio::sync::watch::Sender<u64>,
@@ -1177,7 +1193,7 @@ struct Durability {
 /// with an error and the store accepts no further write until restarted.
 /// Readers see a group once it is committed, before it is synced; the
 /// reads whose answers leave the vault unchanged wait until what they may
-/// see is on disk ([`SqliteStore::durable`]), and the others belong to a
+/// see is on disk ([`SqliteStore::read`]), and the others belong to a
 /// request that answers only after a commit of its own.
 struct Syncer {
     wal: PathBuf,
@@ -1212,7 +1228,7 @@ impl Syncer {
             let covered = self
                 .durability
                 .committed
-                .load(std::sync::atomic::Ordering::Acquire);
+                .load(std::sync::atomic::Ordering::SeqCst);
             let outcome = match self.durability.broken.get() {
                 Some(why) => Err(why.clone()),
                 None => self.sync_wal(),
@@ -1440,6 +1456,10 @@ impl Writer {
             }
             return;
         }
+        let commits = self
+            .durability
+            .committed
+            .load(std::sync::atomic::Ordering::SeqCst);
         let mut acks = Vec::with_capacity(jobs.len());
         let grouped = if jobs.len() > 1 {
             // On failure, fall through: isolate the failing job.
@@ -1459,11 +1479,19 @@ impl Writer {
                 }
             }
         }
-        if !acks.is_empty() && self.acks.send(acks).is_err() {
+        // Any COMMIT run, even a failed one (readers wait on its count),
+        // goes to the syncer, with whatever answers it has.
+        let ran = self
+            .durability
+            .committed
+            .load(std::sync::atomic::Ordering::SeqCst)
+            != commits;
+        if ran && self.acks.send(acks).is_err() {
             // The syncer is gone (it does not panic): the answers are
             // dropped, so the jobs hear that the writer stopped, never a
             // false acknowledgment, and nothing more is written.
             let _ = self.durability.broken.set("the sync thread stopped".into());
+            self.durability.synced.send_modify(|_| {});
         }
     }
 
@@ -1484,13 +1512,17 @@ impl Writer {
                     }
                 }
             }
-            if let Err(e) = self.conn.execute_batch("COMMIT") {
+            self.durability
+                .begun
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let commit = self.conn.execute_batch("COMMIT");
+            self.durability
+                .committed
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if let Err(e) = commit {
                 let _ = self.conn.execute_batch("ROLLBACK");
                 return Err(unavailable(e));
             }
-            self.durability
-                .committed
-                .fetch_add(1, std::sync::atomic::Ordering::Release);
             Ok(results)
         })();
         if outcome.is_err() {
@@ -1850,6 +1882,90 @@ mod tests {
             .await
             .expect("a later commit");
         assert_eq!(syncs.load(std::sync::atomic::Ordering::SeqCst), 2);
+        store.close();
+    }
+
+    /// A read that may see a group committed while an earlier group's sync
+    /// was under way does not answer with it before that group's own sync:
+    /// here the read runs first and misses the group, so it answers as soon
+    /// as the earlier sync is done, without it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_never_answers_with_a_group_not_yet_synced() {
+        let dir = tempfile::tempdir().expect("scratch directory");
+        let db = dir.path().join("vault.db");
+        let (entered_tx, entered_rx) = mpsc::channel::<()>();
+        let (release_tx, release_rx) = mpsc::channel::<()>();
+        let store = Arc::new(
+            SqliteStore::open_with_sync(
+                &db,
+                Box::new(move |file| {
+                    let _ = entered_tx.send(());
+                    let _ = release_rx.recv();
+                    file.sync_data()
+                }),
+            )
+            .expect("open the store"),
+        );
+        let entered = Arc::new(Mutex::new(entered_rx));
+        let wait_entered = || {
+            let entered = entered.clone();
+            tokio::task::spawn_blocking(move || {
+                entered
+                    .lock()
+                    .expect("lock")
+                    .recv()
+                    .expect("a sync is entered")
+            })
+        };
+        // The first group's sync is held.
+        let first = {
+            let store = store.clone();
+            tokio::spawn(async move { store.commit(meta_batch("first")).await })
+        };
+        wait_entered().await.expect("waiting task");
+        // A read of "second" runs now (and finds nothing), then waits for
+        // the disk; meanwhile "second" is committed behind the held sync.
+        let reading = {
+            let store = store.clone();
+            tokio::spawn(async move { store.meta("second").await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let second = {
+            let store = store.clone();
+            tokio::spawn(async move { store.commit(meta_batch("second")).await })
+        };
+        for _ in 0..500 {
+            if stored(&db, "second") {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(stored(&db, "second"), "the second group is committed");
+        // Only the first sync is let through; the second is held.
+        release_tx.send(()).expect("release the first sync");
+        wait_entered().await.expect("waiting task");
+        let read = tokio::time::timeout(std::time::Duration::from_secs(10), reading)
+            .await
+            .expect("the read answers once what it saw is on disk")
+            .expect("read task")
+            .expect("the read");
+        assert_eq!(
+            read, None,
+            "a group whose sync is still held is not in any answer"
+        );
+        assert!(
+            !second.is_finished(),
+            "the second commit is not answered yet"
+        );
+        release_tx.send(()).expect("release the second sync");
+        first.await.expect("task").expect("first commit");
+        second.await.expect("task").expect("second commit");
+        assert_eq!(
+            store.meta("second").await.expect("read"),
+            Some(b"v".to_vec()),
+            "once synced it is read"
+        );
+        drop(release_tx);
         store.close();
     }
 
