@@ -1087,7 +1087,7 @@ fn event_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
 /// Grants matching `filter`, newest first.
 fn grants_matching(c: &Connection, filter: GrantFilter) -> rusqlite::Result<Vec<GrantRecord>> {
     let mut out = Vec::new();
-    let principal = filter.principal.clone();
+    let principal = filter.principal;
     if filter.orders.is_empty() {
         // Separate statements, so the one by principal uses its index.
         let rows = match principal {
