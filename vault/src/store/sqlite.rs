@@ -18,6 +18,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use async_trait::async_trait;
+use rusqlite::config::DbConfig;
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, params};
 use tokio::sync::oneshot;
 
@@ -312,6 +313,11 @@ fn open_conn(path: &Path) -> rusqlite::Result<Connection> {
             | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
     configure(&conn)?;
+    // SQLite checkpoints the WAL into the database when the last
+    // connection to it closes. After a failed sync the WAL's frames may not
+    // be what is on disk, so no store connection does: the writer
+    // checkpoints on a clean close instead ([`Writer::run`]).
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)?;
     Ok(conn)
 }
 
@@ -429,14 +435,16 @@ impl SqliteStore {
     /// Stops accepting writes, lets the writer commit what it holds and
     /// waits for it.
     pub fn close(&self) {
-        drop(self.writer.lock().map(|mut w| w.take()));
-        let handle = self.writer_thread.lock().ok().and_then(|mut h| h.take());
-        if let Some(h) = handle {
-            let _ = h.join();
-        }
+        // The checkpoint thread stops first: the writer's last checkpoint
+        // cannot run while another holds the checkpoint lock.
         let checkpointer = self.checkpointer.lock().ok().and_then(|mut c| c.take());
         if let Some((stop, h)) = checkpointer {
             stop.store(true, std::sync::atomic::Ordering::Release);
+            let _ = h.join();
+        }
+        drop(self.writer.lock().map(|mut w| w.take()));
+        let handle = self.writer_thread.lock().ok().and_then(|mut h| h.take());
+        if let Some(h) = handle {
             let _ = h.join();
         }
     }
@@ -1410,9 +1418,21 @@ impl Writer {
             self.bound_wal();
         }
         // Every group is committed: let the syncer answer the last ones.
-        let Writer { acks, syncer, .. } = self;
+        let Writer {
+            conn,
+            acks,
+            syncer,
+            durability,
+            ..
+        } = self;
         drop(acks);
         let _ = syncer.join();
+        // A clean close leaves everything in the database file and the WAL
+        // empty, as SQLite's own close would; after a failed sync nothing
+        // more is copied from the WAL (see `open_conn`).
+        if durability.broken.get().is_none() {
+            let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+        }
     }
 
     fn head(&mut self, chain: &str) -> rusqlite::Result<Head> {
@@ -1987,7 +2007,7 @@ mod tests {
         )
         .expect("open the store");
         let first = store
-            .commit(meta_batch("first"))
+            .commit(meta_batch("first-unsynced"))
             .await
             .expect_err("a failed sync is no acknowledgment");
         let StoreError::Unavailable(why) = &first else {
@@ -2007,11 +2027,39 @@ mod tests {
             "nothing more is written or synced after the failure"
         );
         let read = store
-            .meta("first")
+            .meta("first-unsynced")
             .await
             .expect_err("what may not be on disk is not read back");
         assert!(matches!(read, StoreError::Unavailable(_)), "{read:?}");
-        store.close();
+        drop(store);
+        // Closing did not checkpoint the WAL (which would also have removed
+        // it): its frames are still there for SQLite's recovery to check.
+        let frames = std::fs::metadata(wal_path(&db))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        assert!(frames > 0, "the WAL was checkpointed on close");
         assert!(!stored(&db, "second"), "the refused batch was not applied");
+    }
+
+    /// A clean close leaves every acknowledged write in the database file
+    /// and the WAL empty, though no store connection checkpoints on close.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_clean_close_checkpoints_everything() {
+        let dir = tempfile::tempdir().expect("scratch directory");
+        let db = dir.path().join("vault.db");
+        let store = SqliteStore::open(&db).expect("open the store");
+        store
+            .commit(meta_batch("closed-cleanly"))
+            .await
+            .expect("commit");
+        assert!(store.meta("closed-cleanly").await.expect("read").is_some());
+        drop(store);
+        let wal = std::fs::metadata(wal_path(&db))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        assert_eq!(wal, 0, "the WAL was not checkpointed on close");
+        let file = std::fs::read(&db).expect("read the database file");
+        let marker = b"closed-cleanly";
+        assert!(file.windows(marker.len()).any(|w| w == marker));
     }
 }
