@@ -850,20 +850,35 @@ async fn aes_cap_refuses_without_auto_rotation() {
     let phone = vec![(FieldKind::Phone, "+44 20 7946 0018".to_owned())];
     let held = shop.tokenize(phone.clone()).await.unwrap();
     for i in 0..5 {
-        shop.tokenize(batch(i, if i == 4 { 9 } else { 10 }))
+        shop.tokenize(batch(i, if i == 4 { 8 } else { 10 }))
             .await
             .unwrap();
     }
+    // One encryption left: a request holding the phone and a new value
+    // would take two, but the phone needs none, so the new value gets the
+    // last one.
+    let last = (FieldKind::OrderDetails, "the fiftieth value".to_owned());
+    let mixed = shop.tokenize(vec![phone[0].clone(), last]).await.unwrap();
+    assert_eq!(mixed[0], held[0]);
+    assert_ne!(mixed[1], held[0]);
+    assert_eq!(vault.token_count().await, 50);
     let err = shop.tokenize(batch(5, 10)).await.unwrap_err();
     assert_eq!(err.code(), Some(Code::FailedPrecondition), "{err}");
     assert!(err.to_string().contains("cap of 50"), "{err}");
     assert_eq!(vault.token_count().await, 50);
     // A value already held needs no encryption: it still tokenizes, to its
     // token, at the cap; a new one does not.
-    assert_eq!(shop.tokenize(phone).await.unwrap(), held);
+    assert_eq!(shop.tokenize(phone.clone()).await.unwrap(), held);
     let new_phone = vec![(FieldKind::Phone, "+44 20 7946 0019".to_owned())];
-    let err = shop.tokenize(new_phone).await.unwrap_err();
+    let err = shop.tokenize(new_phone.clone()).await.unwrap_err();
     assert_eq!(err.code(), Some(Code::FailedPrecondition), "{err}");
+    // Held and new together: refused whole, the held one not linked again.
+    let err = shop
+        .tokenize(vec![phone[0].clone(), new_phone[0].clone()])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(Code::FailedPrecondition), "{err}");
+    assert!(err.to_string().contains("cap of 50"), "{err}");
     assert_eq!(vault.token_count().await, 50);
     let mut rpc = admin_rpc(&vault).await;
     rpc.rotate_key(authed(&vault.key("admin"), v1::RotateKeyRequest::default()))
