@@ -4,6 +4,18 @@ use clap::Parser;
 use ordervault::cli::{self, Cli};
 use tracing_subscriber::EnvFilter;
 
+/// jemalloc, not the system allocator: glibc gives each thread that
+/// allocates under contention an arena of its own (up to eight per core) and
+/// keeps what is freed in each, so a vault serving batched reveals on its
+/// async threads, eight store readers, the writer and the sync thread held
+/// 441 MiB at its peak for about 15 MiB in use. jemalloc's few arenas, with
+/// freed pages given back after about a second (`.cargo/config.toml`),
+/// peaked at 149 MiB in the same A/B run, at the same throughput. (SQLite
+/// allocates its page caches from the system allocator all the same.)
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Threads of the runtime's blocking pool, at most.
 const MAX_BLOCKING_THREADS: usize = 16;
 
