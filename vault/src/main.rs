@@ -7,11 +7,12 @@ use tracing_subscriber::EnvFilter;
 /// jemalloc, not the system allocator: glibc gives each thread that
 /// allocates under contention an arena of its own (up to eight per core) and
 /// keeps what is freed in each, so a vault serving batched reveals on its
-/// async threads, eight store readers, the writer and the sync thread held
-/// 441 MiB at its peak for about 15 MiB in use. jemalloc's few arenas, with
-/// freed pages given back after about a second (`.cargo/config.toml`),
-/// peaked at 149 MiB in the same A/B run, at the same throughput. (SQLite
-/// allocates its page caches from the system allocator all the same.)
+/// async threads, up to 16 blocking-pool threads running store reads, the
+/// writer and the sync thread peaked at 441 MiB with 8-13 MiB in use.
+/// jemalloc (a few arenas per core), giving freed pages back after about a
+/// second (`.cargo/config.toml`), peaked at 149 MiB in the same A/B run, at
+/// the same throughput. SQLite allocates its page caches from the system
+/// allocator all the same.
 #[cfg(not(target_env = "msvc"))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
@@ -40,8 +41,8 @@ fn main() {
         // The blocking pool runs SQLite store reads, at most eight at a time
         // (one per read connection), and the odd name lookup. Tokio's
         // default of up to 512 threads grew it to over 40 under 64
-        // concurrent reveals, each thread with its own malloc arena keeping
-        // freed memory.
+        // concurrent reveals, each thread with its own thread cache (and,
+        // under glibc's allocator, its own arena) keeping freed memory.
         .max_blocking_threads(MAX_BLOCKING_THREADS)
         .build()
     {

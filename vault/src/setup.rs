@@ -4,7 +4,7 @@
 //! ordervault-data/        0700
 //!   master.key            0600, 64 hex chars (unless ORDERVAULT_MASTER_KEY is set)
 //!   policy.toml           the role policy, edited by the operator
-//!   vault.db (+ -wal)     SQLite: ciphertexts, fingerprints, wrapped keys, audit log
+//!   vault.db (+ -wal, -shm) SQLite: ciphertexts, fingerprints, wrapped keys, audit log
 //! ```
 //!
 //! Initialisation writes the master key and policy first and commits

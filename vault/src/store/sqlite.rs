@@ -253,9 +253,6 @@ fn checkpoint_loop(
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
     }
-    if durability.broken.get().is_none() {
-        let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
-    }
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -316,7 +313,9 @@ fn open_conn(path: &Path) -> rusqlite::Result<Connection> {
     // SQLite checkpoints the WAL into the database when the last
     // connection to it closes. After a failed sync the WAL's frames may not
     // be what is on disk, so no store connection does: the writer
-    // checkpoints on a clean close instead ([`Writer::run`]).
+    // checkpoints on a clean close instead ([`Writer::run`]). (The next
+    // open, after a restart, recovers the WAL as SQLite does after a
+    // crash: frames are replayed only up to the first bad checksum.)
     conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)?;
     Ok(conn)
 }
@@ -432,8 +431,9 @@ impl SqliteStore {
         })
     }
 
-    /// Stops accepting writes, lets the writer commit what it holds and
-    /// waits for it.
+    /// Stops the checkpoint thread, stops accepting writes, lets the writer
+    /// commit what it holds and waits for it; the writer then copies the WAL
+    /// into the database unless a sync has failed.
     pub fn close(&self) {
         // The checkpoint thread stops first: the writer's last checkpoint
         // cannot run while another holds the checkpoint lock.
@@ -1034,6 +1034,10 @@ impl Store for SqliteStore {
 pub fn in_use(path: &Path) -> Result<bool, StoreError> {
     let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE)
         .map_err(unavailable)?;
+    // A probe, not a user of the database: closing it copies nothing (see
+    // `open_conn`).
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
+        .map_err(unavailable)?;
     conn.busy_timeout(std::time::Duration::from_millis(250))
         .map_err(unavailable)?;
     // In exclusive locking mode a WAL database needs the file's exclusive
@@ -1426,12 +1430,26 @@ impl Writer {
             ..
         } = self;
         drop(acks);
-        let _ = syncer.join();
+        let synced = syncer.join().is_ok();
         // A clean close leaves everything in the database file and the WAL
-        // empty, as SQLite's own close would; after a failed sync nothing
-        // more is copied from the WAL (see `open_conn`).
-        if durability.broken.get().is_none() {
-            let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+        // empty (SQLite's own close would also delete the -wal and -shm
+        // files; they stay, empty and reused); after a failed sync, or a
+        // sync thread that died, nothing more is copied from the WAL (see
+        // `open_conn`). A reader holding an old snapshot (another process)
+        // makes the checkpoint give up after a short wait: the WAL then
+        // stays, and the next open recovers from it.
+        if synced && durability.broken.get().is_none() {
+            let _ = conn.busy_timeout(RESTART_WAIT);
+            let copied = conn
+                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                    r.get::<_, i64>(0)
+                })
+                .is_ok_and(|busy| busy == 0);
+            if !copied {
+                tracing::warn!(
+                    "the WAL could not be copied into the database on close: another connection still reads it; the next open recovers from it"
+                );
+            }
         }
     }
 
