@@ -375,6 +375,98 @@ async fn reveal_events_are_indexed_by_storage_key_and_a_forged_key_is_named() {
     vault.stop().await;
 }
 
+/// SQLite keeps whatever type a row is given. An insider who stores an
+/// event's principal as a blob of the same bytes, or its time as text,
+/// hides it from searches by principal or time without changing what it
+/// says; one who stores a key as text hides it from searches by token. The
+/// online Verify names each such row, where reading it used to fail the
+/// whole verification with an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_given_another_type_is_named_by_verify() {
+    let vault = Vault::start().await;
+    let shop = vault.client("shop").await;
+    let o = shop.tokenize_order(&order(0)).await.unwrap();
+    shop.grant(
+        "courier",
+        &o.order_token,
+        "delivery",
+        Duration::from_secs(86_400),
+    )
+    .await
+    .unwrap();
+    let phone = o.consignee.phone.clone();
+    let courier = vault.client("courier").await;
+    courier
+        .reveal(std::slice::from_ref(&phone))
+        .purpose("delivery")
+        .await
+        .unwrap();
+    let sql = vault.sql();
+    let seq: i64 = sql
+        .query_row(
+            "SELECT seq FROM audit_events WHERE action = 'reveal' AND token = ?1",
+            [phone.as_str()],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let mut grpc = auditor(&vault).await;
+    let key = vault.key("auditor");
+    let mut verify = async || {
+        grpc.verify(authed(&key, v1::VerifyRequest {}))
+            .await
+            .expect("Verify answers; a damaged row is a finding, not an error")
+            .into_inner()
+    };
+    assert!(verify().await.ok);
+    let edits = [
+        ("principal", "CAST(principal AS BLOB)", "blob"),
+        ("ts_ms", "'at ' || ts_ms", "text"),
+        ("token_key", "hex(token_key)", "text"),
+        ("leaf", "CAST(leaf AS TEXT)", "text"),
+    ];
+    for (column, edited, stored) in edits {
+        let before: Vec<u8> = sql
+            .query_row(
+                &format!("SELECT CAST({column} AS BLOB) FROM audit_events WHERE seq = ?1"),
+                [seq],
+                |r| r.get(0),
+            )
+            .unwrap();
+        sql.execute(
+            &format!("UPDATE audit_events SET {column} = {edited} WHERE seq = ?1"),
+            [seq],
+        )
+        .unwrap();
+        let bad = verify().await;
+        assert!(!bad.ok, "{column}: {bad:?}");
+        assert_eq!(bad.chains[0].first_bad_seq, seq as u64, "{column}: {bad:?}");
+        let problem = &bad.chains[0].problem;
+        assert!(
+            problem.contains(column) && problem.contains(stored),
+            "{column}: {problem}"
+        );
+        // Put back as it was: the log verifies again.
+        sql.execute(
+            &format!("UPDATE audit_events SET {column} = ?1 WHERE seq = ?2"),
+            rusqlite::params![before, seq],
+        )
+        .unwrap();
+        if column != "token_key" && column != "leaf" {
+            // Stored back as a blob: put the type back too.
+            sql.execute(
+                &format!(
+                    "UPDATE audit_events SET {column} = CAST({column} AS {}) WHERE seq = ?1",
+                    if column == "ts_ms" { "INTEGER" } else { "TEXT" }
+                ),
+                [seq],
+            )
+            .unwrap();
+        }
+        assert!(verify().await.ok, "{column} restored");
+    }
+    vault.stop().await;
+}
+
 /// Drives enough activity to have a few checkpoints, returns (export path, pubkey).
 async fn exported(vault: &Vault, rounds: usize) -> (std::path::PathBuf, String) {
     let shop = vault.client("shop").await;

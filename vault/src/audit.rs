@@ -201,6 +201,18 @@ pub fn chain_hash_of(prev: &[u8; 32], leaf_hash: &[u8; 32]) -> [u8; 32] {
     crypto::sha256(&buf)
 }
 
+/// Fails an event stored with a type the vault never writes in one of its
+/// columns ([`StoredEvent::misstored`]).
+pub fn stored_as_written(e: &StoredEvent) -> Result<(), VerifyError> {
+    match &e.misstored {
+        None => Ok(()),
+        Some(what) => Err(VerifyError {
+            seq: e.seq,
+            problem: format!("{what} (row edited)"),
+        }),
+    }
+}
+
 /// Whether a stored event's indexed columns equal its decoded leaf.
 pub fn columns_match(e: &StoredEvent, event: &AuditEvent) -> bool {
     event.principal == e.principal
@@ -243,6 +255,14 @@ pub struct StoredEvent {
     pub token_key: Option<crate::store::TokenId>,
     /// Indexed copy: timestamp.
     pub ts_ms: i64,
+    /// The first column stored with a type the vault never writes there,
+    /// as "`column` holds TYPE where the vault writes TYPE"; the other
+    /// fields then hold a best reading of the row. A store whose schema
+    /// does not enforce types (SQLite) keeps whatever a row is given: a
+    /// principal stored as a blob of the same bytes, or a time as text,
+    /// drops the event out of searches by principal or time while its
+    /// content still matches the leaf. Verification reports it.
+    pub misstored: Option<String>,
 }
 
 /// Whether an event's `token_key`, read through the vault's own
@@ -297,6 +317,7 @@ impl Verifier {
             seq: e.seq,
             problem: problem.to_owned(),
         };
+        stored_as_written(e)?;
         if e.seq != self.expected_seq {
             return Err(VerifyError {
                 seq: self.expected_seq,
@@ -310,12 +331,7 @@ impl Verifier {
                 "leaf names a different position (event moved or reordered)",
             ));
         }
-        let indexed_ok = event.principal == e.principal
-            && event.action.as_str() == e.action
-            && event.decision.as_str() == e.decision
-            && event.token == e.token
-            && event.ts_ms == e.ts_ms;
-        if !indexed_ok {
+        if !columns_match(e, &event) {
             return Err(fail(
                 "indexed columns differ from the signed leaf (row edited)",
             ));
@@ -366,6 +382,7 @@ mod tests {
                     token: ev.token.clone(),
                     token_key: None,
                     ts_ms: ev.ts_ms,
+                    misstored: None,
                 }
             })
             .collect()

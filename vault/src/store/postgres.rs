@@ -537,6 +537,8 @@ fn event_row(r: &Row) -> Result<StoredEvent, StoreError> {
             .get::<_, Option<Vec<u8>>>(9)
             .map(|k| k.try_into().unwrap_or([0; crate::token::TOKEN_ID_BYTES])),
         ts_ms: r.get(8),
+        // The schema's column types hold every row to its type.
+        misstored: None,
     })
 }
 

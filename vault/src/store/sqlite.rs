@@ -1078,22 +1078,124 @@ fn refused(why: String) -> rusqlite::Error {
 
 const EVENT_SELECT: &str = "SELECT seq, chain, leaf, chain_hash, principal, action, decision, token, ts_ms, token_key FROM audit_events";
 
+/// Reads an event row column by column, taking each value in the type the
+/// vault writes there and noting the first column that holds another
+/// ([`StoredEvent::misstored`]): SQLite keeps whatever type an edited row is
+/// given, and such a row is a finding for verification, not a read error.
 fn event_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
-    let hash: Vec<u8> = r.get(3)?;
+    let mut row = TypedRow { r, misstored: None };
+    let hash = row.blob(3, "chain_hash")?;
+    let token_key = row.opt_blob(9, "token_key")?;
     Ok(StoredEvent {
-        seq: r.get::<_, i64>(0)? as u64,
-        chain: r.get(1)?,
-        leaf: r.get(2)?,
+        seq: row.integer(0, "seq")? as u64,
+        chain: row.text(1, "chain")?,
+        leaf: row.blob(2, "leaf")?,
         chain_hash: hash.try_into().unwrap_or([0; 32]),
-        principal: r.get(4)?,
-        action: r.get(5)?,
-        decision: r.get(6)?,
-        token: r.get(7)?,
-        token_key: r
-            .get::<_, Option<Vec<u8>>>(9)?
-            .map(|k| k.try_into().unwrap_or([0; TOKEN_ID_BYTES])),
-        ts_ms: r.get(8)?,
+        principal: row.text(4, "principal")?,
+        action: row.text(5, "action")?,
+        decision: row.text(6, "decision")?,
+        token: row.opt_text(7, "token")?,
+        // A key of the wrong length cannot name a token: verification
+        // reports it.
+        token_key: token_key.map(|k| k.try_into().unwrap_or([0; TOKEN_ID_BYTES])),
+        ts_ms: row.integer(8, "ts_ms")?,
+        misstored: row.misstored,
     })
+}
+
+/// A row read in the types the vault writes; see [`event_row`].
+struct TypedRow<'a, 'r> {
+    r: &'a rusqlite::Row<'r>,
+    misstored: Option<String>,
+}
+
+impl<'a> TypedRow<'a, '_> {
+    fn value(&self, i: usize) -> rusqlite::Result<rusqlite::types::ValueRef<'a>> {
+        let r = self.r;
+        r.get_ref(i)
+    }
+
+    /// Notes `column` as holding `found` where the vault writes `wanted`.
+    fn wrong(&mut self, column: &str, found: rusqlite::types::ValueRef<'_>, wanted: &str) {
+        use rusqlite::types::ValueRef;
+        let found = match found {
+            ValueRef::Null => "null",
+            ValueRef::Integer(_) => "an integer",
+            ValueRef::Real(_) => "a real",
+            ValueRef::Text(_) => "text",
+            ValueRef::Blob(_) => "a blob",
+        };
+        self.misstored.get_or_insert_with(|| {
+            format!("{column} holds {found} where the vault writes {wanted}")
+        });
+    }
+
+    fn integer(&mut self, i: usize, column: &str) -> rusqlite::Result<i64> {
+        let v = self.value(i)?;
+        if let rusqlite::types::ValueRef::Integer(n) = v {
+            return Ok(n);
+        }
+        self.wrong(column, v, "an integer");
+        Ok(0)
+    }
+
+    fn opt_text(&mut self, i: usize, column: &str) -> rusqlite::Result<Option<String>> {
+        use rusqlite::types::ValueRef;
+        let v = self.value(i)?;
+        Ok(match v {
+            ValueRef::Null => None,
+            ValueRef::Text(t) => Some(String::from_utf8_lossy(t).into_owned()),
+            other => {
+                let shown = lossy(other);
+                self.wrong(column, other, "text");
+                Some(shown)
+            }
+        })
+    }
+
+    fn text(&mut self, i: usize, column: &str) -> rusqlite::Result<String> {
+        let v = self.value(i)?;
+        if v == rusqlite::types::ValueRef::Null {
+            self.wrong(column, v, "text");
+            return Ok(String::new());
+        }
+        Ok(self.opt_text(i, column)?.unwrap_or_default())
+    }
+
+    fn opt_blob(&mut self, i: usize, column: &str) -> rusqlite::Result<Option<Vec<u8>>> {
+        use rusqlite::types::ValueRef;
+        let v = self.value(i)?;
+        Ok(match v {
+            ValueRef::Null => None,
+            ValueRef::Blob(b) => Some(b.to_vec()),
+            other => {
+                let shown = lossy(other).into_bytes();
+                self.wrong(column, other, "a blob");
+                Some(shown)
+            }
+        })
+    }
+
+    fn blob(&mut self, i: usize, column: &str) -> rusqlite::Result<Vec<u8>> {
+        let v = self.value(i)?;
+        if v == rusqlite::types::ValueRef::Null {
+            self.wrong(column, v, "a blob");
+            return Ok(Vec::new());
+        }
+        Ok(self.opt_blob(i, column)?.unwrap_or_default())
+    }
+}
+
+/// A value as text, for a column that holds another type than the vault
+/// writes: what the row says, for whoever reads the finding.
+fn lossy(v: rusqlite::types::ValueRef<'_>) -> String {
+    use rusqlite::types::ValueRef;
+    match v {
+        ValueRef::Null => String::new(),
+        ValueRef::Integer(n) => n.to_string(),
+        ValueRef::Real(x) => x.to_string(),
+        ValueRef::Text(b) | ValueRef::Blob(b) => String::from_utf8_lossy(b).into_owned(),
+    }
 }
 
 /// Grants matching `filter`, newest first.
