@@ -773,6 +773,105 @@ async fn master_key_rotation_offline() {
     assert_ok(&verify);
 }
 
+/// On PostgreSQL too: `keys rotate-master` refuses while a node is
+/// connected, then re-wraps everything under the new key; a node with the
+/// old key refuses to start, one with the new key reveals every value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn master_key_rotation_offline_on_postgres() {
+    let Some(scratch) = crate::support::ScratchDb::create().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (data, log) = (dir.path().join("data"), dir.path().join("server.log"));
+    std::fs::create_dir_all(&data).unwrap();
+    {
+        use secrecy::ExposeSecret;
+        std::fs::write(
+            data.join("ordervault.toml"),
+            format!(
+                "[storage]\nbackend = \"postgres\"\nurl = \"{}\"\n",
+                scratch.url.expose_secret()
+            ),
+        )
+        .unwrap();
+    }
+    let admin = init(&data);
+    let server = Served::start(&data, &log);
+    let shop_key = create_principal(&server.url, &admin, "shop", "shop").await;
+    let shop = server.client(&shop_key).await;
+    let issued = tokenize_range(&shop, 0..200).await;
+    assert_ok(&cli(&server.url, Some(&admin), &["keys", "rotate"]).await);
+    let issued_v2 = tokenize_range(&shop, 200..250).await;
+    let pubkey = cli(&server.url, Some(&admin), &["audit", "pubkey"]).await;
+    assert_ok(&pubkey);
+    let new_key_file = dir.path().join("new.key");
+    let new_key = ordervault::crypto::SecretKey::generate()
+        .to_hex()
+        .to_string();
+    std::fs::write(&new_key_file, format!("{new_key}\n")).unwrap();
+    let rotate_master = || {
+        Command::new(BIN)
+            .args(["keys", "rotate-master", "--new-key-file"])
+            .arg(&new_key_file)
+            .arg("--data-dir")
+            .arg(&data)
+            .env_remove("ORDERVAULT_MASTER_KEY")
+            .env_remove("ORDERVAULT_STORAGE_URL")
+            .output()
+            .unwrap()
+    };
+    let busy = rotate_master();
+    assert_fails(&busy, 78, "connection(s) from running ordervault nodes");
+    let old_key = std::fs::read_to_string(data.join("master.key")).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(data.join("master.key")).unwrap(),
+        old_key,
+        "refused: nothing changed"
+    );
+    server.terminate();
+
+    let out = rotate_master();
+    assert_ok(&out);
+    let said = stdout(&out);
+    assert!(
+        said.contains("master key rotated: 2 data-key version(s)"),
+        "{said}"
+    );
+    assert!(said.contains("Every node sharing the database"), "{said}");
+    assert!(!said.contains(&new_key) && !said.contains(old_key.trim()));
+    assert_eq!(
+        std::fs::read_to_string(data.join("master.key"))
+            .unwrap()
+            .trim(),
+        new_key
+    );
+
+    // A node still holding the old key refuses to start.
+    let old = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .env("ORDERVAULT_MASTER_KEY", old_key.trim())
+        .output()
+        .unwrap();
+    assert_eq!(old.status.code(), Some(78), "{}", stderr(&old));
+    assert!(
+        stderr(&old).contains("the master key does not open this vault"),
+        "{}",
+        stderr(&old)
+    );
+
+    // With the new key every value reveals, under the same signing key.
+    let server = Served::start(&data, &log);
+    let shop = server.client(&shop_key).await;
+    assert_all_reveal(&shop, &issued).await;
+    assert_all_reveal(&shop, &issued_v2).await;
+    let after = cli(&server.url, Some(&admin), &["audit", "pubkey"]).await;
+    assert_ok(&after);
+    assert_eq!(stdout(&after), stdout(&pubkey), "same audit signing key");
+    server.terminate();
+    scratch.drop_db().await;
+}
+
 /// With a cap of 50 encryptions per AES-GCM key, the vault rotates by
 /// itself before any key passes it; every value still reveals.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

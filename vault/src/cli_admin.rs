@@ -31,7 +31,6 @@ use crate::keyring::{self, Keyring, MASTER_KEY_ENV, state};
 use crate::kinds::FieldKind;
 use crate::policy::{Policy, Visibility};
 use crate::setup::{self, DirState, Layout, SetupError};
-use crate::store::sqlite::SqliteStore;
 use crate::store::{Store, WriteBatch};
 
 /// Where the running vault is, who is asking, and how to print.
@@ -124,16 +123,14 @@ pub struct RetireArgs {
 /// `keys rotate-master` options.
 #[derive(Debug, Args)]
 pub struct RotateMasterArgs {
-    /// Data directory of the STOPPED vault.
-    #[arg(long, env = "ORDERVAULT_DATA_DIR", default_value = "./ordervault-data")]
-    pub data_dir: PathBuf,
+    /// The STOPPED vault (on PostgreSQL: every node stopped); the node id
+    /// names the audit chain that records the rotation.
+    #[command(flatten)]
+    pub data: crate::cli::DataArgs,
     /// File holding the new master key: 64 hex characters, like master.key
     /// (e.g. `openssl rand -hex 32 > new.key`).
     #[arg(long, value_name = "F")]
     pub new_key_file: PathBuf,
-    /// This node's id: the audit chain that records the rotation.
-    #[arg(long, env = "ORDERVAULT_NODE_ID", default_value = "node-1")]
-    pub node_id: String,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
@@ -668,11 +665,25 @@ fn opens(master: &SecretKey, keys: &[crate::store::StoredKey], root: &[u8]) -> b
 }
 
 async fn rotate_master(args: RotateMasterArgs) -> Result<(), Failure> {
-    let layout = Layout::new(&args.data_dir);
-    if let setup::Storage::Postgres(_) = setup::Storage::resolve(&args.data_dir, None)? {
-        return Err(config_failure(
-            "rotate-master works on the embedded SQLite store only; on PostgreSQL, rotate the data keys online (`ordervault keys rotate` and `keys rewrap`)".to_owned(),
-        ));
+    let layout = args.data.layout()?;
+    // A running server caches the master key (as its KEK) and would go on
+    // wrapping new data keys under the old one. Asked before this command
+    // opens connections of its own.
+    let busy = match &layout.storage {
+        setup::Storage::Postgres(url) => {
+            let nodes = crate::store::postgres::nodes_connected(url)
+                .await
+                .map_err(|e| config_failure(e.to_string()))?;
+            (nodes > 0).then(|| {
+                format!(
+                    "the vault's database has {nodes} connection(s) from running ordervault nodes: stop every node sharing it first"
+                )
+            })
+        }
+        setup::Storage::Sqlite => None,
+    };
+    if let Some(busy) = busy {
+        return Err(config_failure(busy));
     }
     if setup::dir_state(&layout).await? != DirState::Initialised {
         return Err(SetupError::NotInitialised {
@@ -682,17 +693,18 @@ async fn rotate_master(args: RotateMasterArgs) -> Result<(), Failure> {
     }
     let new = read_key_file(&args.new_key_file)?;
     let from_env = std::env::var_os(MASTER_KEY_ENV).is_some();
-    // The master key is cached (as its KEK) by a running server, which
-    // would go on wrapping new data keys under the old one.
-    if crate::store::sqlite::in_use(&layout.db()).map_err(|e| config_failure(e.to_string()))? {
+    if let setup::Storage::Sqlite = layout.storage
+        && crate::store::sqlite::in_use(&layout.db()).map_err(|e| config_failure(e.to_string()))?
+    {
         return Err(config_failure(format!(
             "the vault in {} is in use: stop its server (and any other ordervault process using it) first",
             layout.dir.display()
         )));
     }
-    let store = SqliteStore::open(&layout.db()).map_err(|e| config_failure(e.to_string()))?;
-    let result = rotate_master_in(&layout, &store, &new, from_env, &args.node_id).await;
-    store.close();
+    let store = layout.storage.open_existing(&layout).await?;
+    let result =
+        rotate_master_in(&layout, store.as_ref(), &new, from_env, &args.data.node_id).await;
+    store.close().await;
     let (versions, completed_earlier) = result?;
     if args.json {
         return print_json(&json!({
@@ -718,6 +730,11 @@ async fn rotate_master(args: RotateMasterArgs) -> Result<(), Failure> {
             layout.master_key().display()
         );
     }
+    if let setup::Storage::Postgres(_) = layout.storage {
+        println!(
+            "Every node sharing the database needs the new key: put it in each node's data directory (or {MASTER_KEY_ENV}) before starting it; a node with the old key refuses to start."
+        );
+    }
     Ok(())
 }
 
@@ -725,7 +742,7 @@ async fn rotate_master(args: RotateMasterArgs) -> Result<(), Failure> {
 /// and whether an interrupted rotation had to be completed first.
 async fn rotate_master_in(
     layout: &Layout,
-    store: &SqliteStore,
+    store: &dyn Store,
     new: &SecretKey,
     from_env: bool,
     chain: &str,

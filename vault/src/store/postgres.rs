@@ -217,6 +217,41 @@ pub fn redacted(url: &str) -> String {
     }
 }
 
+/// How many connections of running ordervault nodes the database at `url`
+/// has (by their application name), asked over a connection named
+/// otherwise. Offline tools that must not run beside a node (`keys
+/// rotate-master`) call it before they open connections of their own.
+pub async fn nodes_connected(url: &SecretString) -> Result<u64, StoreError> {
+    let mut config = parse_config(url)?;
+    config.application_name("ordervault-admin");
+    let shown = redacted(url.expose_secret());
+    let client = connect(&config)
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("cannot connect to {shown}: {e}")))?;
+    // The server ends a closed connection's backend a moment after its
+    // client goes: a node stopped just now may still be listed briefly.
+    let mut left = 10;
+    loop {
+        let row = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND application_name = $1 AND pid <> pg_backend_pid()",
+                &[&APPLICATION_NAME],
+            )
+            .await
+            .map_err(pg_error)?;
+        let n = row.get::<_, i64>(0) as u64;
+        left -= 1;
+        if n == 0 || left == 0 {
+            return Ok(n);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+/// The application name of every connection a node opens.
+const APPLICATION_NAME: &str = "ordervault";
+
 fn parse_config(url: &SecretString) -> Result<tokio_postgres::Config, StoreError> {
     let mut config = tokio_postgres::Config::from_str(url.expose_secret()).map_err(|_| {
         StoreError::Unavailable(
@@ -224,7 +259,7 @@ fn parse_config(url: &SecretString) -> Result<tokio_postgres::Config, StoreError
         )
     })?;
     config.connect_timeout(CONNECT_TIMEOUT);
-    config.application_name("ordervault");
+    config.application_name(APPLICATION_NAME);
     Ok(config)
 }
 
