@@ -1442,11 +1442,16 @@ impl Writer {
             }
         }
 
-        // Tokens of the whole group: one insert.
+        // Tokens of the whole group: one insert. Of a deterministic value
+        // given twice, only the first is inserted (the later ones then find
+        // it, as in SQLite, which applies batches in order): otherwise the
+        // sort below would pick the one with the smaller storage key.
+        let mut first_of: HashSet<(u8, &[u8])> = HashSet::new();
         let mut new: Vec<&TokenRecord> = batches
             .iter()
             .flat_map(|b| b.tokens.iter())
             .filter(|t| !t.ciphertext.is_empty())
+            .filter(|t| !t.deterministic || first_of.insert((t.kind.code(), &t.fingerprint[..])))
             .collect();
         // In key order, so two nodes inserting the same values never wait
         // on each other's in opposite orders (a deadlock).
