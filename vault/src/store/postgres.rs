@@ -916,37 +916,51 @@ impl Store for PostgresStore {
         f: AuditFilter,
         limit: usize,
     ) -> Result<Vec<StoredEvent>, StoreError> {
+        // Only the filters given, as in SQLite: each combination is its own
+        // prepared statement, so PostgreSQL plans it with the indexes that
+        // fit. One statement with `($3 IS NULL OR principal = $3)` for every
+        // filter let a cached generic plan walk the whole chain by seq.
+        use tokio_postgres::types::ToSql;
         let after = f.after_seq as i64;
         let limit = limit as i64;
-        self.rows(
-            &format!(
-                "{EVENT_SELECT} WHERE chain = $1 AND seq > $2
-                   AND ($3::text IS NULL OR principal = $3)
-                   AND ($4::text IS NULL OR action = $4)
-                   AND ($5::text IS NULL OR decision = $5)
-                   AND ($6::text IS NULL OR token_key = $10::bytea
-                        OR (token_key IS NULL AND token = $6))
-                   AND ($7::int8 IS NULL OR ts_ms >= $7)
-                   AND ($8::int8 IS NULL OR ts_ms < $8)
-                 ORDER BY seq LIMIT $9"
-            ),
-            &[
-                &f.chain,
-                &after,
-                &f.principal,
-                &f.action,
-                &f.decision,
-                &f.token,
-                &f.since_ms,
-                &f.until_ms,
-                &limit,
-                &f.token_key.map(|k| k.to_vec()),
-            ],
-        )
-        .await?
-        .iter()
-        .map(event_row)
-        .collect()
+        let key = f.token_key.map(|k| k.to_vec());
+        let mut sql = format!("{EVENT_SELECT} WHERE chain = $1 AND seq > $2");
+        let mut params: Vec<&(dyn ToSql + Sync)> = vec![&f.chain, &after];
+        let filters: [(&str, Option<&(dyn ToSql + Sync)>); 5] = [
+            ("principal =", f.principal.as_ref().map(|v| v as _)),
+            ("action =", f.action.as_ref().map(|v| v as _)),
+            ("decision =", f.decision.as_ref().map(|v| v as _)),
+            ("ts_ms >=", f.since_ms.as_ref().map(|v| v as _)),
+            ("ts_ms <", f.until_ms.as_ref().map(|v| v as _)),
+        ];
+        for (clause, value) in filters {
+            if let Some(v) = value {
+                params.push(v);
+                sql.push_str(&format!(" AND {clause} ${}", params.len()));
+            }
+        }
+        if let Some(t) = &f.token {
+            // By key where the event has one, else by text.
+            params.push(t);
+            let text = params.len();
+            match &key {
+                Some(k) => {
+                    params.push(k);
+                    sql.push_str(&format!(
+                        " AND (token_key = ${} OR (token_key IS NULL AND token = ${text}))",
+                        params.len()
+                    ));
+                }
+                None => sql.push_str(&format!(" AND token_key IS NULL AND token = ${text}")),
+            }
+        }
+        params.push(&limit);
+        sql.push_str(&format!(" ORDER BY seq LIMIT ${}", params.len()));
+        self.rows(&sql, &params)
+            .await?
+            .iter()
+            .map(event_row)
+            .collect()
     }
 
     async fn audit_by_tokens(
