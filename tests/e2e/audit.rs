@@ -401,6 +401,8 @@ async fn a_row_given_another_type_is_named_by_verify() {
         .purpose("delivery")
         .await
         .unwrap();
+    // The reveal's event is not the last one.
+    shop.tokenize_order(&order(1)).await.unwrap();
     let sql = vault.sql();
     let seq: i64 = sql
         .query_row(
@@ -464,6 +466,35 @@ async fn a_row_given_another_type_is_named_by_verify() {
         }
         assert!(verify().await.ok, "{column} restored");
     }
+    // A seq of another type sorts after every number and is greater than
+    // any: the row is not read at all, and its seq is missing.
+    sql.execute(
+        "UPDATE audit_events SET seq = CAST(seq AS BLOB) WHERE seq = ?1",
+        [seq],
+    )
+    .unwrap();
+    let bad = verify().await;
+    assert!(!bad.ok, "seq: {bad:?}");
+    assert_eq!(bad.chains[0].first_bad_seq, seq as u64, "seq: {bad:?}");
+    assert!(bad.chains[0].problem.contains("missing"), "seq: {bad:?}");
+    // Searches end (paging on from the last seq seen never starts over).
+    let mut s = grpc
+        .query(authed(
+            &key,
+            v1::AuditQuery {
+                principal: "courier".into(),
+                chain: "*".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = Vec::new();
+    while let Some(e) = s.message().await.unwrap() {
+        seen.push(e.seq);
+    }
+    assert!(!seen.contains(&(seq as u64)), "{seen:?}");
     vault.stop().await;
 }
 

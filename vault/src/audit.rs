@@ -261,7 +261,9 @@ pub struct StoredEvent {
     /// does not enforce types (SQLite) keeps whatever a row is given: a
     /// principal stored as a blob of the same bytes, or a time as text,
     /// drops the event out of searches by principal or time while its
-    /// content still matches the leaf. Verification reports it.
+    /// content still matches the leaf. Verification reports it. (A `seq`
+    /// of another type makes the row unreadable instead: verification
+    /// finds that seq missing.)
     pub misstored: Option<String>,
 }
 
@@ -317,13 +319,13 @@ impl Verifier {
             seq: e.seq,
             problem: problem.to_owned(),
         };
-        stored_as_written(e)?;
         if e.seq != self.expected_seq {
             return Err(VerifyError {
                 seq: self.expected_seq,
                 problem: format!("event missing (next stored event is seq {})", e.seq),
             });
         }
+        stored_as_written(e)?;
         let (chain, seq, event) =
             decode_leaf(&e.leaf).ok_or_else(|| fail("leaf is not a valid event encoding"))?;
         if seq != e.seq || chain != e.chain {

@@ -187,6 +187,11 @@ impl ChainVerifier {
         })
     }
 
+    /// The seq the next event must have.
+    pub fn next_seq(&self) -> u64 {
+        self.tree.size() + 1
+    }
+
     /// Checks the next event (as found: its seq, leaf and stored hash).
     pub fn push(
         &mut self,

@@ -680,7 +680,7 @@ impl Store for SqliteStore {
         let chain = chain.to_owned();
         self.read(move |c| {
             let mut st = c.prepare_cached(&format!(
-                "{EVENT_SELECT} WHERE chain = ?1 AND seq >= ?2 ORDER BY seq LIMIT ?3"
+                "{EVENT_SELECT} WHERE chain = ?1 AND seq >= ?2 AND {SEQ_IS_INTEGER} ORDER BY seq LIMIT ?3"
             ))?;
             st.query_map(params![chain, from_seq as i64, limit as i64], event_row)?
                 .collect()
@@ -802,8 +802,12 @@ impl Store for SqliteStore {
     async fn audit_size(&self, chain: &str) -> Result<u64, StoreError> {
         let chain = chain.to_owned();
         self.read(move |c| {
-            c.prepare_cached("SELECT coalesce(max(seq), 0) FROM audit_events WHERE chain = ?1")?
-                .query_row([chain], |r| r.get::<_, i64>(0))
+            c.prepare_cached(&format!(
+                "SELECT seq FROM audit_events WHERE chain = ?1 AND {SEQ_IS_INTEGER} ORDER BY seq DESC LIMIT 1"
+            ))?
+            .query_row([chain], |r| r.get::<_, i64>(0))
+            .optional()
+            .map(Option::unwrap_or_default)
         })
         .await
         .map(|n| n as u64)
@@ -815,7 +819,8 @@ impl Store for SqliteStore {
         limit: usize,
     ) -> Result<Vec<StoredEvent>, StoreError> {
         self.read(move |c| {
-            let mut sql = format!("{EVENT_SELECT} WHERE chain = ?1 AND seq > ?2");
+            let mut sql =
+                format!("{EVENT_SELECT} WHERE chain = ?1 AND seq > ?2 AND {SEQ_IS_INTEGER}");
             let mut args: Vec<rusqlite::types::Value> =
                 vec![f.chain.clone().into(), (f.after_seq as i64).into()];
             let mut add = |clause: &str, v: rusqlite::types::Value| {
@@ -868,7 +873,9 @@ impl Store for SqliteStore {
             let mut out = Vec::new();
             let keys: std::collections::BTreeSet<TokenId> =
                 tokens.iter().filter_map(|t| t.key).collect();
-            let mut st = c.prepare_cached(&format!("{EVENT_SELECT} WHERE token_key = ?1"))?;
+            let mut st = c.prepare_cached(&format!(
+                "{EVENT_SELECT} WHERE token_key = ?1 AND {SEQ_IS_INTEGER}"
+            ))?;
             for k in keys {
                 for e in st.query_map([&k[..]], event_row)? {
                     out.push(e?);
@@ -877,7 +884,7 @@ impl Store for SqliteStore {
             let texts: std::collections::BTreeSet<&str> =
                 tokens.iter().map(|t| t.text.as_str()).collect();
             let mut st = c.prepare_cached(&format!(
-                "{EVENT_SELECT} WHERE token = ?1 AND token_key IS NULL"
+                "{EVENT_SELECT} WHERE token = ?1 AND token_key IS NULL AND {SEQ_IS_INTEGER}"
             ))?;
             for t in texts {
                 for e in st.query_map([t], event_row)? {
@@ -1016,7 +1023,7 @@ impl Store for SqliteStore {
         let chain = chain.to_owned();
         self.read(move |c| {
             c.prepare_cached(
-                "SELECT seq, chain_hash FROM audit_events WHERE chain = ?1 ORDER BY seq DESC LIMIT 1",
+                &format!("SELECT seq, chain_hash FROM audit_events WHERE chain = ?1 AND {SEQ_IS_INTEGER} ORDER BY seq DESC LIMIT 1"),
             )?
             .query_row([chain], |r| {
                 let hash: Vec<u8> = r.get(1)?;
@@ -1078,6 +1085,13 @@ fn refused(why: String) -> rusqlite::Error {
 
 const EVENT_SELECT: &str = "SELECT seq, chain, leaf, chain_hash, principal, action, decision, token, ts_ms, token_key FROM audit_events";
 
+/// Every read of events by seq carries this. SQLite keeps a blob or text
+/// given to `seq` (not a rowid alias), sorts it after every number and
+/// finds it `> n` whatever n: a reader paging on from the last seq it saw
+/// would start over for ever. Such a row is not read at all, so
+/// verification finds its seq missing.
+const SEQ_IS_INTEGER: &str = "typeof(seq) = 'integer'";
+
 /// Reads an event row column by column, taking each value in the type the
 /// vault writes there and noting the first column that holds another
 /// ([`StoredEvent::misstored`]): SQLite keeps whatever type an edited row is
@@ -1087,7 +1101,8 @@ fn event_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
     let hash = row.blob(3, "chain_hash")?;
     let token_key = row.opt_blob(9, "token_key")?;
     Ok(StoredEvent {
-        seq: row.integer(0, "seq")? as u64,
+        // An integer: rows with any other seq are not read (SEQ_IS_INTEGER).
+        seq: r.get::<_, i64>(0)? as u64,
         chain: row.text(1, "chain")?,
         leaf: row.blob(2, "leaf")?,
         chain_hash: hash.try_into().unwrap_or([0; 32]),
@@ -1144,7 +1159,17 @@ impl<'a> TypedRow<'a, '_> {
         let v = self.value(i)?;
         Ok(match v {
             ValueRef::Null => None,
-            ValueRef::Text(t) => Some(String::from_utf8_lossy(t).into_owned()),
+            ValueRef::Text(t) => {
+                Some(match std::str::from_utf8(t) {
+                    Ok(text) => text.to_owned(),
+                    Err(_) => {
+                        self.misstored.get_or_insert_with(|| {
+                        format!("{column} holds text that is not UTF-8, which the vault never writes")
+                    });
+                        String::from_utf8_lossy(t).into_owned()
+                    }
+                })
+            }
             other => {
                 let shown = lossy(other);
                 self.wrong(column, other, "text");
@@ -1169,7 +1194,10 @@ impl<'a> TypedRow<'a, '_> {
             ValueRef::Null => None,
             ValueRef::Blob(b) => Some(b.to_vec()),
             other => {
-                let shown = lossy(other).into_bytes();
+                let shown = match other {
+                    ValueRef::Text(t) => t.to_vec(),
+                    _ => lossy(other).into_bytes(),
+                };
                 self.wrong(column, other, "a blob");
                 Some(shown)
             }
@@ -1562,7 +1590,7 @@ impl Writer {
         let last: Option<(i64, Vec<u8>)> = self
             .conn
             .query_row(
-                "SELECT seq, chain_hash FROM audit_events WHERE chain = ?1 ORDER BY seq DESC LIMIT 1",
+                &format!("SELECT seq, chain_hash FROM audit_events WHERE chain = ?1 AND {SEQ_IS_INTEGER} ORDER BY seq DESC LIMIT 1"),
                 [chain],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
