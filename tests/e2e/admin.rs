@@ -820,14 +820,19 @@ async fn master_key_rotation_offline_on_postgres() {
             .output()
             .unwrap()
     };
-    let busy = rotate_master();
-    assert_fails(&busy, 78, "connection(s) from running ordervault nodes");
     let old_key = std::fs::read_to_string(data.join("master.key")).unwrap();
+    let busy = rotate_master();
+    assert_fails(
+        &busy,
+        78,
+        "connection(s) from running ordervault nodes (pid ",
+    );
     assert_eq!(
         std::fs::read_to_string(data.join("master.key")).unwrap(),
         old_key,
         "refused: nothing changed"
     );
+    assert!(!data.join("master.key.next").exists());
     server.terminate();
 
     let out = rotate_master();
@@ -869,6 +874,13 @@ async fn master_key_rotation_offline_on_postgres() {
     assert_ok(&after);
     assert_eq!(stdout(&after), stdout(&pubkey), "same audit signing key");
     server.terminate();
+    // The rotation is in the log, which still verifies.
+    let verify = Command::new(BIN)
+        .args(["audit", "verify", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert_ok(&verify);
     scratch.drop_db().await;
 }
 
@@ -1554,11 +1566,15 @@ async fn cli_help_and_completions() {
             .await
             .contains("no ciphertext uses it")
     );
-    assert!(
-        help(&["keys", "rotate-master"])
-            .await
-            .contains("STOP THE SERVER FIRST")
-    );
+    let rotate_master = help(&["keys", "rotate-master"]).await;
+    for needle in [
+        "STOP THE SERVER FIRST",
+        "every",
+        "--storage-url",
+        "--node-id",
+    ] {
+        assert!(rotate_master.contains(needle), "{needle}: {rotate_master}");
+    }
     assert!(help(&["principals", "create"]).await.contains("--role"));
     assert!(help(&["principals", "list"]).await.contains("--json"));
     assert!(

@@ -69,8 +69,10 @@ pub enum KeysCommand {
     /// OFFLINE: re-wrap every data key and the fingerprint key under a new
     /// master key, in one transaction, then replace DATA_DIR/master.key.
     /// STOP THE SERVER FIRST: it works on the data directory, because the
-    /// master key never travels over the network. Afterwards the old master
-    /// key no longer opens the vault.
+    /// master key never travels over the network. On PostgreSQL, stop every
+    /// node sharing the database and keep them stopped until it is done
+    /// (it refuses while any is connected), then give each node the new key.
+    /// Afterwards the old master key no longer opens the vault.
     RotateMaster(RotateMasterArgs),
 }
 
@@ -123,8 +125,8 @@ pub struct RetireArgs {
 /// `keys rotate-master` options.
 #[derive(Debug, Args)]
 pub struct RotateMasterArgs {
-    /// The STOPPED vault (on PostgreSQL: every node stopped); the node id
-    /// names the audit chain that records the rotation.
+    /// Where the stopped vault lives; the node id names the audit chain
+    /// that records the rotation.
     #[command(flatten)]
     pub data: crate::cli::DataArgs,
     /// File holding the new master key: 64 hex characters, like master.key
@@ -674,9 +676,11 @@ async fn rotate_master(args: RotateMasterArgs) -> Result<(), Failure> {
             let nodes = crate::store::postgres::nodes_connected(url)
                 .await
                 .map_err(|e| config_failure(e.to_string()))?;
-            (nodes > 0).then(|| {
+            (!nodes.is_empty()).then(|| {
                 format!(
-                    "the vault's database has {nodes} connection(s) from running ordervault nodes: stop every node sharing it first"
+                    "the vault's database has {} connection(s) from running ordervault nodes ({}): stop every node sharing it first (a connection left behind by a lost node can be ended with pg_terminate_backend(pid))",
+                    nodes.len(),
+                    nodes.join(", ")
                 )
             })
         }
@@ -711,6 +715,7 @@ async fn rotate_master(args: RotateMasterArgs) -> Result<(), Failure> {
             "rotated": true,
             "key_versions": versions,
             "completed_interrupted_rotation": completed_earlier,
+            "every_node_needs_the_new_key": matches!(layout.storage, setup::Storage::Postgres(_)),
             "master_key": if from_env { Value::Null } else { json!(layout.master_key()) },
         }));
     }

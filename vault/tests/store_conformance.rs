@@ -1420,6 +1420,27 @@ async fn deterministic_dedupe(be: &str, store: &dyn Store) {
     assert_eq!(store.token_count().await.must(be), 4, "{be}: token_count");
 }
 
+/// The first of a repeated value wins by its place in the batch, not by
+/// its id: here the later one has the smaller id.
+async fn deterministic_first_wins_whatever_its_id(be: &str, store: &dyn Store) {
+    let f = fp(20);
+    let c = commit(
+        be,
+        store,
+        WriteBatch {
+            tokens: vec![det(9, FieldKind::Phone, f), det(8, FieldKind::Phone, f)],
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        c.token_ids,
+        vec![tid(9), tid(9)],
+        "{be}: the first of a value twice in one batch is kept, though its id is larger"
+    );
+    assert_eq!(store.token_count().await.must(be), 1, "{be}: stored once");
+}
+
 async fn empty_ciphertext_refers(be: &str, store: &dyn Store) {
     let f = fp(7);
     commit(
@@ -3688,6 +3709,13 @@ async fn tokens_read_back_in_request_order() {
 async fn deterministic_tokens_are_deduplicated() {
     for b in backends().await {
         deterministic_dedupe(b.name, &*b.store).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_of_a_repeated_value_wins_whatever_its_id() {
+    for b in backends().await {
+        deterministic_first_wins_whatever_its_id(b.name, &*b.store).await;
     }
 }
 

@@ -217,11 +217,12 @@ pub fn redacted(url: &str) -> String {
     }
 }
 
-/// How many connections of running ordervault nodes the database at `url`
-/// has (by their application name), asked over a connection named
-/// otherwise. Offline tools that must not run beside a node (`keys
-/// rotate-master`) call it before they open connections of their own.
-pub async fn nodes_connected(url: &SecretString) -> Result<u64, StoreError> {
+/// The connections of running ordervault nodes to the database at `url`
+/// (by their application name), as "pid N from ADDRESS", asked over a
+/// connection named otherwise. Offline tools that must not run beside a
+/// node (`keys rotate-master`) call it before they open connections of
+/// their own.
+pub async fn nodes_connected(url: &SecretString) -> Result<Vec<String>, StoreError> {
     let mut config = parse_config(url)?;
     config.application_name("ordervault-admin");
     let shown = redacted(url.expose_secret());
@@ -232,18 +233,22 @@ pub async fn nodes_connected(url: &SecretString) -> Result<u64, StoreError> {
     // client goes: a node stopped just now may still be listed briefly.
     let mut left = 10;
     loop {
-        let row = client
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity
-                 WHERE datname = current_database() AND application_name = $1 AND pid <> pg_backend_pid()",
+        let found: Vec<String> = client
+            .query(
+                "SELECT 'pid ' || pid || ' from ' || coalesce(host(client_addr), 'a local socket')
+                 FROM pg_stat_activity
+                 WHERE datname = current_database() AND application_name = $1 AND pid <> pg_backend_pid()
+                 ORDER BY pid",
                 &[&APPLICATION_NAME],
             )
             .await
-            .map_err(pg_error)?;
-        let n = row.get::<_, i64>(0) as u64;
+            .map_err(pg_error)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
         left -= 1;
-        if n == 0 || left == 0 {
-            return Ok(n);
+        if found.is_empty() || left == 0 {
+            return Ok(found);
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
