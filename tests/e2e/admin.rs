@@ -835,6 +835,26 @@ async fn master_key_rotation_offline_on_postgres() {
     assert!(!data.join("master.key.next").exists());
     server.terminate();
 
+    // Nor while a node is starting: it holds the lock a rotation holds, so
+    // no node starts with the old key while one runs.
+    let starting = scratch.sql().await;
+    starting
+        .execute(
+            "SELECT pg_advisory_lock($1)",
+            &[&ordervault::store::postgres::MIGRATION_LOCK],
+        )
+        .await
+        .unwrap();
+    let busy = rotate_master();
+    assert_fails(&busy, 78, "a node is starting on the vault's database");
+    starting
+        .execute(
+            "SELECT pg_advisory_unlock($1)",
+            &[&ordervault::store::postgres::MIGRATION_LOCK],
+        )
+        .await
+        .unwrap();
+
     let out = rotate_master();
     assert_ok(&out);
     let said = stdout(&out);

@@ -670,25 +670,33 @@ async fn rotate_master(args: RotateMasterArgs) -> Result<(), Failure> {
     let layout = args.data.layout()?;
     // A running server caches the master key (as its KEK) and would go on
     // wrapping new data keys under the old one. Asked before this command
-    // opens connections of its own.
-    let busy = match &layout.storage {
+    // opens connections of its own; on PostgreSQL the guard also keeps
+    // nodes from starting until the rotation is done.
+    let guard = match &layout.storage {
         setup::Storage::Postgres(url) => {
-            let nodes = crate::store::postgres::nodes_connected(url)
+            let guard = crate::store::postgres::OfflineGuard::acquire(url)
+                .await
+                .map_err(|e| config_failure(e.to_string()))?
+                .ok_or_else(|| {
+                    config_failure(
+                        "a node is starting on the vault's database (or another `keys rotate-master` runs): stop every node sharing it first",
+                    )
+                })?;
+            let nodes = guard
+                .nodes_connected()
                 .await
                 .map_err(|e| config_failure(e.to_string()))?;
-            (!nodes.is_empty()).then(|| {
-                format!(
+            if !nodes.is_empty() {
+                return Err(config_failure(format!(
                     "the vault's database has {} connection(s) from running ordervault nodes ({}): stop every node sharing it first (a connection left behind by a lost node can be ended with pg_terminate_backend(pid))",
                     nodes.len(),
                     nodes.join(", ")
-                )
-            })
+                )));
+            }
+            Some(guard)
         }
         setup::Storage::Sqlite => None,
     };
-    if let Some(busy) = busy {
-        return Err(config_failure(busy));
-    }
     if setup::dir_state(&layout).await? != DirState::Initialised {
         return Err(SetupError::NotInitialised {
             dir: layout.dir.display().to_string(),
@@ -709,6 +717,7 @@ async fn rotate_master(args: RotateMasterArgs) -> Result<(), Failure> {
     let result =
         rotate_master_in(&layout, store.as_ref(), &new, from_env, &args.data.node_id).await;
     store.close().await;
+    drop(guard);
     let (versions, completed_earlier) = result?;
     if args.json {
         return print_json(&json!({

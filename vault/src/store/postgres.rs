@@ -160,8 +160,10 @@ CREATE INDEX audit_by_token_key ON audit_events (token_key) WHERE token_key IS N
 ",
 ];
 
-/// Advisory lock key serialising migrations ("ordervault" in ASCII).
-const MIGRATION_LOCK: i64 = 0x6f72_6465_7276_6175;
+/// Advisory lock key serialising migrations ("ordervault" in ASCII). Every
+/// node takes it as it starts, before it reads its keys; `keys
+/// rotate-master` holds it while it rotates ([`OfflineGuard`]).
+pub const MIGRATION_LOCK: i64 = 0x6f72_6465_7276_6175;
 /// Most batches gathered into one transaction.
 const MAX_GROUP: usize = 1024;
 /// Read connections per node.
@@ -217,40 +219,60 @@ pub fn redacted(url: &str) -> String {
     }
 }
 
-/// The connections of running ordervault nodes to the database at `url`
-/// (by their application name), as "pid N from ADDRESS", asked over a
-/// connection named otherwise. Offline tools that must not run beside a
-/// node (`keys rotate-master`) call it before they open connections of
-/// their own.
-pub async fn nodes_connected(url: &SecretString) -> Result<Vec<String>, StoreError> {
-    let mut config = parse_config(url)?;
-    config.application_name("ordervault-admin");
-    let shown = redacted(url.expose_secret());
-    let client = connect(&config)
-        .await
-        .map_err(|e| StoreError::Unavailable(format!("cannot connect to {shown}: {e}")))?;
-    // The server ends a closed connection's backend a moment after its
-    // client goes: a node stopped just now may still be listed briefly.
-    let mut left = 10;
-    loop {
-        let found: Vec<String> = client
-            .query(
-                "SELECT 'pid ' || pid || ' from ' || coalesce(host(client_addr), 'a local socket')
-                 FROM pg_stat_activity
-                 WHERE datname = current_database() AND application_name = $1 AND pid <> pg_backend_pid()
-                 ORDER BY pid",
-                &[&APPLICATION_NAME],
-            )
+/// What an offline tool that must not run beside a node (`keys
+/// rotate-master`) holds while it works: the lock every node takes as it
+/// starts ([`MIGRATION_LOCK`]), on a connection named otherwise than the
+/// nodes'. A node starting meanwhile waits for it, and then reads what the
+/// tool wrote. Released when dropped (its connection closes).
+pub struct OfflineGuard {
+    client: Client,
+}
+
+impl OfflineGuard {
+    /// Takes the lock, or `None` when it is held: a node is starting (or
+    /// migrating the schema), or another offline tool runs.
+    pub async fn acquire(url: &SecretString) -> Result<Option<OfflineGuard>, StoreError> {
+        let mut config = parse_config(url)?;
+        config.application_name("ordervault-admin");
+        let shown = redacted(url.expose_secret());
+        let client = connect(&config)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("cannot connect to {shown}: {e}")))?;
+        let locked: bool = client
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&MIGRATION_LOCK])
             .await
             .map_err(pg_error)?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        left -= 1;
-        if found.is_empty() || left == 0 {
-            return Ok(found);
+            .get(0);
+        Ok(locked.then_some(OfflineGuard { client }))
+    }
+
+    /// The connections of running ordervault nodes (by their application
+    /// name), as "pid N from ADDRESS".
+    pub async fn nodes_connected(&self) -> Result<Vec<String>, StoreError> {
+        // The server ends a closed connection's backend a moment after its
+        // client goes: a node stopped just now may still be listed briefly.
+        let mut left = 10;
+        loop {
+            let found: Vec<String> = self
+                .client
+                .query(
+                    "SELECT 'pid ' || pid || ' from ' || coalesce(host(client_addr), 'a local socket')
+                     FROM pg_stat_activity
+                     WHERE datname = current_database() AND application_name = $1 AND pid <> pg_backend_pid()
+                     ORDER BY pid",
+                    &[&APPLICATION_NAME],
+                )
+                .await
+                .map_err(pg_error)?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            left -= 1;
+            if found.is_empty() || left == 0 {
+                return Ok(found);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 }
 
