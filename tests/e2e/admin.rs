@@ -822,11 +822,7 @@ async fn master_key_rotation_offline_on_postgres() {
     };
     let old_key = std::fs::read_to_string(data.join("master.key")).unwrap();
     let busy = rotate_master();
-    assert_fails(
-        &busy,
-        78,
-        "connection(s) from running ordervault nodes (pid ",
-    );
+    assert_fails(&busy, 78, "a node is running or starting");
     assert_eq!(
         std::fs::read_to_string(data.join("master.key")).unwrap(),
         old_key,
@@ -835,8 +831,7 @@ async fn master_key_rotation_offline_on_postgres() {
     assert!(!data.join("master.key.next").exists());
     server.terminate();
 
-    // Nor while a node is starting: it holds the lock a rotation holds, so
-    // no node starts with the old key while one runs.
+    // Nor while a node is starting (here, holding the lock of a migration).
     let starting = scratch.sql().await;
     starting
         .execute(
@@ -846,7 +841,7 @@ async fn master_key_rotation_offline_on_postgres() {
         .await
         .unwrap();
     let busy = rotate_master();
-    assert_fails(&busy, 78, "a node is starting on the vault's database");
+    assert_fails(&busy, 78, "a node is running or starting");
     starting
         .execute(
             "SELECT pg_advisory_unlock($1)",
@@ -885,8 +880,34 @@ async fn master_key_rotation_offline_on_postgres() {
         stderr(&old)
     );
 
-    // With the new key every value reveals, under the same signing key.
-    let server = Served::start(&data, &log);
+    // A node does not start while a rotation holds the node lock (here, a
+    // side connection holds it)...
+    starting
+        .execute(
+            "SELECT pg_advisory_lock($1)",
+            &[&ordervault::store::postgres::NODE_LOCK],
+        )
+        .await
+        .unwrap();
+    let (started, up) = std::sync::mpsc::channel();
+    {
+        let (data, log) = (data.clone(), log.clone());
+        std::thread::spawn(move || started.send(Served::start(&data, &log)));
+    }
+    assert!(
+        up.recv_timeout(Duration::from_secs(2)).is_err(),
+        "a node started while the node lock was held"
+    );
+    // ...and starts once it is let go: with the new key every value
+    // reveals, under the same signing key.
+    starting
+        .execute(
+            "SELECT pg_advisory_unlock($1)",
+            &[&ordervault::store::postgres::NODE_LOCK],
+        )
+        .await
+        .unwrap();
+    let server = up.recv_timeout(Duration::from_secs(60)).unwrap();
     let shop = server.client(&shop_key).await;
     assert_all_reveal(&shop, &issued).await;
     assert_all_reveal(&shop, &issued_v2).await;

@@ -679,7 +679,7 @@ async fn rotate_master(args: RotateMasterArgs) -> Result<(), Failure> {
                 .map_err(|e| config_failure(e.to_string()))?
                 .ok_or_else(|| {
                     config_failure(
-                        "a node is starting on the vault's database (or another `keys rotate-master` runs): stop every node sharing it first",
+                        "a node is running or starting on the vault's database (or another `keys rotate-master` runs): stop every node sharing it first",
                     )
                 })?;
             let nodes = guard

@@ -160,10 +160,14 @@ CREATE INDEX audit_by_token_key ON audit_events (token_key) WHERE token_key IS N
 ",
 ];
 
-/// Advisory lock key serialising migrations ("ordervault" in ASCII). Every
-/// node takes it as it starts, before it reads its keys; `keys
+/// Advisory lock key serialising migrations ("ordervault" in ASCII). `keys
 /// rotate-master` holds it while it rotates ([`OfflineGuard`]).
 pub const MIGRATION_LOCK: i64 = 0x6f72_6465_7276_6175;
+/// Advisory lock every node holds, shared, from before it reads its keys
+/// until it stops, on a connection of its own ("ordervnd"). `keys
+/// rotate-master` takes it exclusively ([`OfflineGuard`]): it cannot while
+/// a node runs, and a node starting meanwhile waits for it.
+pub const NODE_LOCK: i64 = 0x6f72_6465_7276_6e64;
 /// Most batches gathered into one transaction.
 const MAX_GROUP: usize = 1024;
 /// Read connections per node.
@@ -184,6 +188,10 @@ pub struct PostgresStore {
     pool: Pool,
     writer: std::sync::Mutex<Option<mpsc::UnboundedSender<Job>>>,
     writer_task: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The connection holding [`NODE_LOCK`] (shared) while this store is
+    /// open as a node's (`connect`); none for inspection
+    /// (`connect_existing`).
+    presence: std::sync::Mutex<Option<Client>>,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -220,17 +228,18 @@ pub fn redacted(url: &str) -> String {
 }
 
 /// What an offline tool that must not run beside a node (`keys
-/// rotate-master`) holds while it works: the lock every node takes as it
-/// starts ([`MIGRATION_LOCK`]), on a connection named otherwise than the
-/// nodes'. A node starting meanwhile waits for it, and then reads what the
-/// tool wrote. Released when dropped (its connection closes).
+/// rotate-master`) holds while it works: [`MIGRATION_LOCK`] and
+/// [`NODE_LOCK`], exclusively, on a connection named otherwise than the
+/// nodes'. It cannot have them while a node runs; a node starting meanwhile
+/// waits, and then reads what the tool wrote. Released when dropped (its
+/// connection closes).
 pub struct OfflineGuard {
     client: Client,
 }
 
 impl OfflineGuard {
-    /// Takes the lock, or `None` when it is held: a node is starting (or
-    /// migrating the schema), or another offline tool runs.
+    /// Takes the locks, or `None` when one is held: a node runs or is
+    /// starting, or another offline tool runs.
     pub async fn acquire(url: &SecretString) -> Result<Option<OfflineGuard>, StoreError> {
         let mut config = parse_config(url)?;
         config.application_name("ordervault-admin");
@@ -238,8 +247,13 @@ impl OfflineGuard {
         let client = connect(&config)
             .await
             .map_err(|e| StoreError::Unavailable(format!("cannot connect to {shown}: {e}")))?;
+        // Both or neither: a lock taken alone is let go with the
+        // connection when this returns `None`.
         let locked: bool = client
-            .query_one("SELECT pg_try_advisory_lock($1)", &[&MIGRATION_LOCK])
+            .query_one(
+                "SELECT pg_try_advisory_lock($1) AND pg_try_advisory_lock($2)",
+                &[&MIGRATION_LOCK, &NODE_LOCK],
+            )
             .await
             .map_err(pg_error)?
             .get(0);
@@ -333,6 +347,27 @@ fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
     }
 }
 
+/// Opens the connection that holds [`NODE_LOCK`] for a node, waiting
+/// while `keys rotate-master` holds it.
+async fn announce(config: &tokio_postgres::Config, shown: &str) -> Result<Client, StoreError> {
+    let client = connect(config)
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("cannot connect to {shown}: {e}")))?;
+    let held: bool = client
+        .query_one("SELECT pg_try_advisory_lock_shared($1)", &[&NODE_LOCK])
+        .await
+        .map_err(pg_error)?
+        .get(0);
+    if !held {
+        tracing::info!("waiting for `keys rotate-master` to finish on the database");
+        client
+            .execute("SELECT pg_advisory_lock_shared($1)", &[&NODE_LOCK])
+            .await
+            .map_err(pg_error)?;
+    }
+    Ok(client)
+}
+
 async fn connect(config: &tokio_postgres::Config) -> Result<Client, StoreError> {
     let (client, connection) = config.connect(NoTls).await.map_err(pg_error)?;
     tokio::spawn(async move {
@@ -406,6 +441,10 @@ impl PostgresStore {
     ) -> Result<Option<PostgresStore>, StoreError> {
         let config = parse_config(url)?;
         let shown = redacted(url.expose_secret());
+        let mut presence = None;
+        if migrate_schema {
+            presence = Some(announce(&config, &shown).await?);
+        }
         let mut client = connect(&config)
             .await
             .map_err(|e| StoreError::Unavailable(format!("cannot connect to {shown}: {e}")))?;
@@ -458,6 +497,7 @@ impl PostgresStore {
             pool,
             writer: std::sync::Mutex::new(Some(tx)),
             writer_task: tokio::sync::Mutex::new(Some(task)),
+            presence: std::sync::Mutex::new(presence),
         }))
     }
 
@@ -671,19 +711,20 @@ impl Store for PostgresStore {
             let _ = task.await;
         }
         self.pool.close();
+        drop(self.presence.lock().map(|mut p| p.take()));
     }
 
     async fn live_nodes(&self) -> Result<u64, StoreError> {
         // Each running node's writer holds the session lock of its chain
         // (bigint advisory locks show as objsubid 1); the migration lock is
-        // held only while a node starts.
+        // held only while a node starts, the node lock by every node.
         let n = self
             .count(
                 "SELECT count(*) FROM pg_locks
                  WHERE locktype = 'advisory' AND objsubid = 1 AND granted
                    AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-                   AND ((classid::int8 << 32) | objid::int8) <> $1",
-                &[&MIGRATION_LOCK],
+                   AND ((classid::int8 << 32) | objid::int8) NOT IN ($1::int8, $2::int8)",
+                &[&MIGRATION_LOCK, &NODE_LOCK],
             )
             .await?;
         Ok(n.max(1))
