@@ -490,10 +490,15 @@ async fn a_row_given_another_type_is_named_by_verify() {
         .await
         .unwrap()
         .into_inner();
-    let mut seen = Vec::new();
-    while let Some(e) = s.message().await.unwrap() {
-        seen.push(e.seq);
-    }
+    let seen = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut seen = Vec::new();
+        while let Some(e) = s.message().await.unwrap() {
+            seen.push(e.seq);
+        }
+        seen
+    })
+    .await
+    .expect("the query ends");
     assert!(!seen.contains(&(seq as u64)), "{seen:?}");
     vault.stop().await;
 }
