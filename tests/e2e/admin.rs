@@ -925,6 +925,53 @@ async fn master_key_rotation_offline_on_postgres() {
     scratch.drop_db().await;
 }
 
+/// A node still running with the old master key after the vault's keys
+/// were rotated to a new one (its lock connection lost, say) refuses to
+/// make a data key only it could open, and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_a_superseded_master_key_makes_no_data_key() {
+    use ordervault::keyring;
+    let vault = start().await;
+    let master =
+        keyring::load_master_key(&vault.data_dir().join(ordervault::setup::MASTER_KEY_FILE))
+            .unwrap();
+    let sql = vault.sql();
+    let root: Vec<u8> = sql
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'fingerprint_root'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let other = ordervault::crypto::SecretKey::generate();
+    let rewrapped =
+        keyring::rewrap_fingerprint_root(&keyring::kek(&master), &keyring::kek(&other), &root)
+            .unwrap();
+    sql.execute(
+        "UPDATE meta SET value = ?1 WHERE key = 'fingerprint_root'",
+        [&rewrapped],
+    )
+    .unwrap();
+    let versions = |sql: &rusqlite::Connection| -> i64 {
+        sql.query_row("SELECT count(*) FROM key_versions", [], |r| r.get(0))
+            .unwrap()
+    };
+    let before = versions(&sql);
+    let err = admin_rpc(&vault)
+        .await
+        .rotate_key(authed(&vault.key("admin"), v1::RotateKeyRequest::default()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("master key was rotated"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(versions(&sql), before, "no data key was stored");
+    vault.stop().await;
+}
+
 /// With a cap of 50 encryptions per AES-GCM key, the vault rotates by
 /// itself before any key passes it; every value still reveals.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

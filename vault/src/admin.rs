@@ -296,6 +296,20 @@ impl Engine {
         trigger: &str,
     ) -> Result<u32, VaultError> {
         let stored = self.store.key_versions().await?;
+        // A new data key is wrapped under this node's master key: not if
+        // the vault's keys were rotated to another one meanwhile (`keys
+        // rotate-master` while this node ran), or no node holding the new
+        // master key could open it.
+        let root = self
+            .store
+            .meta(META_FINGERPRINT_ROOT)
+            .await?
+            .ok_or_else(|| VaultError::Internal("the fingerprint key is missing".into()))?;
+        if Keyring::load_with_kek(&self.kek, &stored, &root, &Default::default()).is_err() {
+            return Err(VaultError::FailedPrecondition(
+                "this node's master key no longer opens the vault's keys (the master key was rotated while it ran): restart it with the new master key; nothing was changed".into(),
+            ));
+        }
         let old = stored
             .iter()
             .find(|k| k.state == state::PRIMARY)
