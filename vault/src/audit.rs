@@ -220,6 +220,7 @@ pub fn columns_match(e: &StoredEvent, event: &AuditEvent) -> bool {
         && event.decision.as_str() == e.decision
         && event.token == e.token
         && event.ts_ms == e.ts_ms
+        && (e.order_token.is_none() || e.order_token == event.order_token)
 }
 
 /// The chain hash before the first event.
@@ -255,6 +256,10 @@ pub struct StoredEvent {
     pub token_key: Option<crate::store::TokenId>,
     /// Indexed copy: timestamp.
     pub ts_ms: i64,
+    /// Indexed copy: order token, by which `revealed_records` counts a
+    /// principal's records. `None` on events written before SQLite stores
+    /// had the column: such events are counted by their token.
+    pub order_token: Option<String>,
     /// The first column stored with a type the vault never writes there,
     /// as "`column` holds TYPE where the vault writes TYPE"; the other
     /// fields then hold a best reading of the row. A store whose schema
@@ -384,6 +389,7 @@ mod tests {
                     token: ev.token.clone(),
                     token_key: None,
                     ts_ms: ev.ts_ms,
+                    order_token: ev.order_token.clone(),
                     misstored: None,
                 }
             })

@@ -621,7 +621,7 @@ fn token_row(r: &Row) -> Result<TokenRecord, StoreError> {
     })
 }
 
-const EVENT_SELECT: &str = "SELECT seq, chain, leaf, chain_hash, principal, action, decision, token, ts_ms, token_key FROM audit_events";
+const EVENT_SELECT: &str = "SELECT seq, chain, leaf, chain_hash, principal, action, decision, token, ts_ms, token_key, order_token FROM audit_events";
 
 fn event_row(r: &Row) -> Result<StoredEvent, StoreError> {
     Ok(StoredEvent {
@@ -639,6 +639,7 @@ fn event_row(r: &Row) -> Result<StoredEvent, StoreError> {
             .get::<_, Option<Vec<u8>>>(9)
             .map(|k| k.try_into().unwrap_or([0; crate::token::TOKEN_ID_BYTES])),
         ts_ms: r.get(8),
+        order_token: r.get(10),
         // The schema's column types hold every row to its type.
         misstored: None,
     })

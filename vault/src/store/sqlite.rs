@@ -1083,7 +1083,7 @@ fn refused(why: String) -> rusqlite::Error {
     )
 }
 
-const EVENT_SELECT: &str = "SELECT seq, chain, leaf, chain_hash, principal, action, decision, token, ts_ms, token_key FROM audit_events";
+const EVENT_SELECT: &str = "SELECT seq, chain, leaf, chain_hash, principal, action, decision, token, ts_ms, token_key, order_token FROM audit_events";
 
 /// Every read of events by seq carries this. SQLite keeps a blob or text
 /// given to `seq` (not a rowid alias), sorts it after every number and
@@ -1114,6 +1114,7 @@ fn event_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
         // reports it.
         token_key: token_key.map(|k| k.try_into().unwrap_or([0; TOKEN_ID_BYTES])),
         ts_ms: row.integer(8, "ts_ms")?,
+        order_token: row.opt_text(10, "order_token")?,
         misstored: row.misstored,
     })
 }
