@@ -655,6 +655,83 @@ async fn rewrap_killed_part_way_resumes_and_loses_nothing() {
     assert_ok(&verify);
 }
 
+/// A fresh master key in `dir/new.key`: its path and its hex.
+fn new_master_key_file(dir: &Path) -> (std::path::PathBuf, String) {
+    let path = dir.join("new.key");
+    let key = ordervault::crypto::SecretKey::generate()
+        .to_hex()
+        .to_string();
+    std::fs::write(&path, format!("{key}\n")).unwrap();
+    (path, key)
+}
+
+/// `ordervault keys rotate-master --new-key-file KEY` on `data`, the
+/// master key and storage taken from the data directory alone.
+fn rotate_master(data: &Path, key_file: &Path) -> Output {
+    Command::new(BIN)
+        .args(["keys", "rotate-master", "--new-key-file"])
+        .arg(key_file)
+        .arg("--data-dir")
+        .arg(data)
+        .env_remove("ORDERVAULT_MASTER_KEY")
+        .env_remove("ORDERVAULT_STORAGE_URL")
+        .output()
+        .unwrap()
+}
+
+/// A rotation's output names `versions` rewrapped data-key versions and
+/// neither key, and master.key now holds `new_key`. Returns the output.
+fn assert_rotated(
+    out: &Output,
+    data: &Path,
+    versions: usize,
+    new_key: &str,
+    old_key: &str,
+) -> String {
+    assert_ok(out);
+    let said = stdout(out);
+    assert!(
+        said.contains(&format!(
+            "master key rotated: {versions} data-key version(s)"
+        )),
+        "{said}"
+    );
+    assert!(!said.contains(new_key) && !said.contains(old_key.trim()));
+    assert_eq!(
+        std::fs::read_to_string(data.join("master.key"))
+            .unwrap()
+            .trim(),
+        new_key
+    );
+    said
+}
+
+/// The old master key no longer starts a node on `data`.
+fn assert_old_master_key_refused(data: &Path, old_key: &str) {
+    let old = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data)
+        .env("ORDERVAULT_MASTER_KEY", old_key.trim())
+        .output()
+        .unwrap();
+    assert_eq!(old.status.code(), Some(78), "{}", stderr(&old));
+    assert!(
+        stderr(&old).contains("the master key does not open this vault"),
+        "{}",
+        stderr(&old)
+    );
+}
+
+/// `ordervault audit verify` on `data` passes.
+fn assert_verifies_offline(data: &Path) {
+    let verify = Command::new(BIN)
+        .args(["audit", "verify", "--data-dir"])
+        .arg(data)
+        .output()
+        .unwrap();
+    assert_ok(&verify);
+}
+
 /// `keys rotate-master` re-wraps everything under a new master key: the old
 /// key no longer starts the server (with a clear error), the new one does
 /// and every value reveals; deterministic tokens stay deterministic.
@@ -677,22 +754,9 @@ async fn master_key_rotation_offline() {
     // The audit log's signing key is wrapped by the master key too.
     let pubkey = cli(&server.url, Some(&admin), &["audit", "pubkey"]).await;
     assert_ok(&pubkey);
-    let new_key_file = dir.path().join("new.key");
-    let new_key = ordervault::crypto::SecretKey::generate()
-        .to_hex()
-        .to_string();
-    std::fs::write(&new_key_file, format!("{new_key}\n")).unwrap();
-    let rotate_master = |args: &[&str]| {
-        Command::new(BIN)
-            .args(["keys", "rotate-master", "--data-dir"])
-            .arg(&data)
-            .args(args)
-            .env_remove("ORDERVAULT_MASTER_KEY")
-            .output()
-            .unwrap()
-    };
+    let (new_key_file, new_key) = new_master_key_file(dir.path());
     // Not while the server runs.
-    let busy = rotate_master(&["--new-key-file", new_key_file.to_str().unwrap()]);
+    let busy = rotate_master(&data, &new_key_file);
     assert_fails(&busy, 78, "is in use: stop its server");
     server.terminate();
 
@@ -701,29 +765,17 @@ async fn master_key_rotation_offline() {
     // Bad key files change nothing.
     let junk = dir.path().join("junk.key");
     std::fs::write(&junk, "not a key\n").unwrap();
-    let out = rotate_master(&["--new-key-file", junk.to_str().unwrap()]);
+    let out = rotate_master(&data, &junk);
     assert_fails(&out, 78, "must be 64 hex characters");
-    let same = rotate_master(&["--new-key-file", data.join("master.key").to_str().unwrap()]);
+    let same = rotate_master(&data, &data.join("master.key"));
     assert_fails(&same, 64, "the new key is the current master key");
     assert_eq!(
         std::fs::read_to_string(data.join("master.key")).unwrap(),
         old_key
     );
 
-    let out = rotate_master(&["--new-key-file", new_key_file.to_str().unwrap()]);
-    assert_ok(&out);
-    assert!(
-        stdout(&out).contains("master key rotated: 2 data-key version(s)"),
-        "{}",
-        stdout(&out)
-    );
-    assert!(!stdout(&out).contains(&new_key) && !stdout(&out).contains(old_key.trim()));
-    assert_eq!(
-        std::fs::read_to_string(data.join("master.key"))
-            .unwrap()
-            .trim(),
-        new_key
-    );
+    let out = rotate_master(&data, &new_key_file);
+    assert_rotated(&out, &data, 2, &new_key, &old_key);
     assert!(!data.join("master.key.next").exists());
     #[cfg(unix)]
     {
@@ -736,18 +788,7 @@ async fn master_key_rotation_offline() {
     }
 
     // The old key no longer opens the vault.
-    let old = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&data)
-        .env("ORDERVAULT_MASTER_KEY", old_key.trim())
-        .output()
-        .unwrap();
-    assert_eq!(old.status.code(), Some(78), "{}", stderr(&old));
-    assert!(
-        stderr(&old).contains("the master key does not open this vault"),
-        "{}",
-        stderr(&old)
-    );
+    assert_old_master_key_refused(&data, &old_key);
 
     // The new one does, and everything reveals.
     let server = Served::start(&data, &log);
@@ -765,12 +806,7 @@ async fn master_key_rotation_offline() {
         .unwrap();
     assert_eq!(again[0], issued[3].0);
     server.terminate();
-    let verify = Command::new(BIN)
-        .args(["audit", "verify", "--data-dir"])
-        .arg(&data)
-        .output()
-        .unwrap();
-    assert_ok(&verify);
+    assert_verifies_offline(&data);
 }
 
 /// On PostgreSQL too: `keys rotate-master` refuses while a node is
@@ -804,24 +840,10 @@ async fn master_key_rotation_offline_on_postgres() {
     let issued_v2 = tokenize_range(&shop, 200..250).await;
     let pubkey = cli(&server.url, Some(&admin), &["audit", "pubkey"]).await;
     assert_ok(&pubkey);
-    let new_key_file = dir.path().join("new.key");
-    let new_key = ordervault::crypto::SecretKey::generate()
-        .to_hex()
-        .to_string();
-    std::fs::write(&new_key_file, format!("{new_key}\n")).unwrap();
-    let rotate_master = || {
-        Command::new(BIN)
-            .args(["keys", "rotate-master", "--new-key-file"])
-            .arg(&new_key_file)
-            .arg("--data-dir")
-            .arg(&data)
-            .env_remove("ORDERVAULT_MASTER_KEY")
-            .env_remove("ORDERVAULT_STORAGE_URL")
-            .output()
-            .unwrap()
-    };
+    let (new_key_file, new_key) = new_master_key_file(dir.path());
+    let rotate = || rotate_master(&data, &new_key_file);
     let old_key = std::fs::read_to_string(data.join("master.key")).unwrap();
-    let busy = rotate_master();
+    let busy = rotate();
     assert_fails(&busy, 78, "a node is running or starting");
     assert_eq!(
         std::fs::read_to_string(data.join("master.key")).unwrap(),
@@ -840,7 +862,7 @@ async fn master_key_rotation_offline_on_postgres() {
         )
         .await
         .unwrap();
-    let busy = rotate_master();
+    let busy = rotate();
     assert_fails(&busy, 78, "a node is running or starting");
     starting
         .execute(
@@ -850,35 +872,11 @@ async fn master_key_rotation_offline_on_postgres() {
         .await
         .unwrap();
 
-    let out = rotate_master();
-    assert_ok(&out);
-    let said = stdout(&out);
-    assert!(
-        said.contains("master key rotated: 2 data-key version(s)"),
-        "{said}"
-    );
+    let said = assert_rotated(&rotate(), &data, 2, &new_key, &old_key);
     assert!(said.contains("Every node sharing the database"), "{said}");
-    assert!(!said.contains(&new_key) && !said.contains(old_key.trim()));
-    assert_eq!(
-        std::fs::read_to_string(data.join("master.key"))
-            .unwrap()
-            .trim(),
-        new_key
-    );
 
     // A node still holding the old key refuses to start.
-    let old = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&data)
-        .env("ORDERVAULT_MASTER_KEY", old_key.trim())
-        .output()
-        .unwrap();
-    assert_eq!(old.status.code(), Some(78), "{}", stderr(&old));
-    assert!(
-        stderr(&old).contains("the master key does not open this vault"),
-        "{}",
-        stderr(&old)
-    );
+    assert_old_master_key_refused(&data, &old_key);
 
     // A node does not start while a rotation holds the node lock (here, a
     // side connection holds it)...
@@ -916,12 +914,7 @@ async fn master_key_rotation_offline_on_postgres() {
     assert_eq!(stdout(&after), stdout(&pubkey), "same audit signing key");
     server.terminate();
     // The rotation is in the log, which still verifies.
-    let verify = Command::new(BIN)
-        .args(["audit", "verify", "--data-dir"])
-        .arg(&data)
-        .output()
-        .unwrap();
-    assert_ok(&verify);
+    assert_verifies_offline(&data);
     scratch.drop_db().await;
 }
 
