@@ -524,6 +524,134 @@ async fn a_row_given_another_type_is_named_by_verify() {
     vault.stop().await;
 }
 
+/// The SQLite store finds a token's audit events through an index it
+/// builds in batches, apart from the events: an edit of that index that
+/// would hide a reveal from searches and leak traces is named by Verify.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_that_hides_a_reveal_from_searches_is_named_by_verify() {
+    let vault = Vault::start().await;
+    let shop = vault.client("shop").await;
+    let o = shop.tokenize_order(&order(0)).await.unwrap();
+    shop.grant(
+        "courier",
+        &o.order_token,
+        "delivery",
+        Duration::from_secs(86_400),
+    )
+    .await
+    .unwrap();
+    let courier = vault.client("courier").await;
+    let phone = o.consignee.phone.clone();
+    let name = o.consignee.name.clone();
+    courier
+        .reveal(std::slice::from_ref(&phone))
+        .purpose("delivery")
+        .await
+        .unwrap();
+    let sql = vault.sql();
+    let reveal_of = |token: &str| -> (String, i64) {
+        sql.query_row(
+            "SELECT chain, seq FROM audit_events WHERE action = 'reveal' AND token = ?1",
+            [token],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap()
+    };
+    let (chain, seq) = reveal_of(phone.as_str());
+    // Idle, the writer indexes what is past the mark.
+    let indexed = |seq: i64| -> bool {
+        sql.query_row(
+            "SELECT count(*) FROM audit_token_index WHERE chain = ?1 AND seq = ?2",
+            rusqlite::params![chain, seq],
+            |r| r.get::<_, i64>(0),
+        )
+        .unwrap()
+            == 1
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !indexed(seq) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the reveal was never indexed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let mut grpc = auditor(&vault).await;
+    let key = vault.key("auditor");
+    let mut verify = async || {
+        grpc.verify(authed(&key, v1::VerifyRequest {}))
+            .await
+            .unwrap()
+            .into_inner()
+    };
+    assert!(verify().await.ok);
+    let mut grpc = auditor(&vault).await;
+    let mut reveals_of = async |token: &str| -> Vec<u64> {
+        let mut s = grpc
+            .query(authed(
+                &key,
+                v1::AuditQuery {
+                    token: token.into(),
+                    action: "reveal".into(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut seqs = Vec::new();
+        while let Some(e) = s.message().await.unwrap() {
+            seqs.push(e.seq);
+        }
+        seqs
+    };
+    assert_eq!(reveals_of(phone.as_str()).await, vec![seq as u64]);
+
+    // The reveal's index entry deleted: searches miss it, Verify names it.
+    sql.execute(
+        "DELETE FROM audit_token_index WHERE chain = ?1 AND seq = ?2",
+        rusqlite::params![chain, seq],
+    )
+    .unwrap();
+    assert!(
+        reveals_of(phone.as_str()).await.is_empty(),
+        "the search goes through the index"
+    );
+    let bad = verify().await;
+    assert!(!bad.ok, "{bad:?}");
+    assert_eq!(bad.chains[0].first_bad_seq, seq as u64, "{bad:?}");
+    assert!(bad.chains[0].problem.contains("token index"), "{bad:?}");
+    // Put back: the log verifies again.
+    sql.execute(
+        "INSERT INTO audit_token_index (token_key, chain, seq)
+         SELECT token_key, chain, seq FROM audit_events WHERE chain = ?1 AND seq = ?2",
+        rusqlite::params![chain, seq],
+    )
+    .unwrap();
+    assert!(verify().await.ok, "entry restored");
+    assert_eq!(reveals_of(phone.as_str()).await, vec![seq as u64]);
+
+    // The mark moved ahead of the log: the next reveals are neither
+    // indexed nor scanned.
+    sql.execute(
+        "UPDATE audit_token_upto SET upto = upto + 1000 WHERE chain = ?1",
+        [&chain],
+    )
+    .unwrap();
+    courier
+        .reveal(std::slice::from_ref(&name))
+        .purpose("delivery")
+        .await
+        .unwrap();
+    let (_, later) = reveal_of(name.as_str());
+    assert!(reveals_of(name.as_str()).await.is_empty());
+    let bad = verify().await;
+    assert!(!bad.ok, "{bad:?}");
+    assert_eq!(bad.chains[0].first_bad_seq, later as u64, "{bad:?}");
+    assert!(bad.chains[0].problem.contains("token index"), "{bad:?}");
+}
+
 /// Drives enough activity to have a few checkpoints, returns (export path, pubkey).
 async fn exported(vault: &Vault, rounds: usize) -> (std::path::PathBuf, String) {
     let shop = vault.client("shop").await;

@@ -465,6 +465,16 @@ impl Engine {
             {
                 failure = m.finish().err();
             }
+            // Sound events, and each one must be found by its token: an
+            // event dropped from the token index is hidden from leak traces.
+            if failure.is_none()
+                && let Some(seq) = self.store.audit_unfindable(&chain).await?
+            {
+                failure = Some(audit::VerifyError {
+                    seq,
+                    problem: "a search by the event's token does not find it: the token index was edited, so leak traces would miss it".into(),
+                });
+            }
             if let Some(f) = &failure {
                 warn!(chain = %chain, seq = f.seq, "audit chain fails verification");
             }

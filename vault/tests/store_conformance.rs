@@ -52,13 +52,17 @@ struct Backend {
 }
 
 /// Every backend the suite runs on, each with a guard that cleans it up:
-/// SQLite always, bare and behind the [`PermutedStore`] through which every
+/// SQLite always, bare (as a vault uses it, and indexing audit events by
+/// token key after every commit) and behind the [`PermutedStore`] through which every
 /// vault created with time-ordered storage keys reaches it; PostgreSQL when
 /// `ORDERVAULT_TEST_POSTGRES_URL` names a server (each call gets a scratch
 /// database of its own).
 async fn backends() -> Vec<Backend> {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let sqlite = SqliteStore::open(&dir.path().join("vault.db")).expect("SQLite store opens");
+    let indexing_dir = tempfile::tempdir().expect("a temporary directory");
+    let indexing = SqliteStore::open_indexing_every(&indexing_dir.path().join("vault.db"), 1)
+        .expect("SQLite store opens");
     let permuted_dir = tempfile::tempdir().expect("a temporary directory");
     let below =
         SqliteStore::open(&permuted_dir.path().join("vault.db")).expect("SQLite store opens");
@@ -69,6 +73,15 @@ async fn backends() -> Vec<Backend> {
             keys_as_given: true,
             store: Arc::new(sqlite),
             _guard: Box::new(dir),
+        },
+        // SQLite indexes audit events by token key in batches; the two
+        // above find a check's few events past the batch's mark.
+        Backend {
+            name: "sqlite (token index after each commit)",
+            backend: "sqlite",
+            keys_as_given: true,
+            store: Arc::new(indexing),
+            _guard: Box::new(indexing_dir),
         },
         Backend {
             name: "sqlite (permuted keys)",

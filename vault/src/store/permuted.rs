@@ -240,6 +240,10 @@ impl Store for PermutedStore {
         Ok(self.events_out(self.inner.audit_query(filter, limit).await?))
     }
 
+    async fn audit_unfindable(&self, chain: &str) -> Result<Option<u64>, StoreError> {
+        self.inner.audit_unfindable(chain).await
+    }
+
     async fn audit_by_tokens(
         &self,
         mut tokens: Vec<TokenLookup>,

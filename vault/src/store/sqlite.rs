@@ -160,7 +160,41 @@ DROP INDEX audit_by_token;
 CREATE INDEX audit_by_token ON audit_events (token) WHERE token IS NOT NULL AND token_key IS NULL;
 CREATE INDEX audit_by_token_key ON audit_events (token_key) WHERE token_key IS NOT NULL;
 ",
+    // Events by their token's storage key, built in sorted batches rather
+    // than one index entry per event: a token revealed again has its entry
+    // written next to its earlier ones, so an index kept in step with every
+    // commit dirtied one page (one 4 KiB WAL frame) per revealed field. The
+    // writer adds the events past `upto` of each chain in one sorted pass
+    // ([`Writer::index_tail`]); readers look past `upto` by scanning.
+    r"
+CREATE TABLE audit_token_index (
+    token_key BLOB NOT NULL,
+    chain     TEXT NOT NULL,
+    seq       INTEGER NOT NULL,
+    PRIMARY KEY (token_key, chain, seq)
+) WITHOUT ROWID;
+CREATE TABLE audit_token_upto (
+    chain TEXT PRIMARY KEY,
+    upto  INTEGER NOT NULL
+) WITHOUT ROWID;
+INSERT OR IGNORE INTO audit_token_index (token_key, chain, seq)
+    SELECT token_key, chain, seq FROM audit_events
+    WHERE token_key IS NOT NULL AND typeof(seq) = 'integer'
+    ORDER BY token_key, chain, seq;
+INSERT INTO audit_token_upto (chain, upto)
+    SELECT chain, max(seq) FROM audit_events WHERE typeof(seq) = 'integer' GROUP BY chain;
+DROP INDEX audit_by_token_key;
+",
 ];
+
+/// Audit events a chain may hold past its `audit_token_upto` mark before
+/// the writer indexes them by token key ([`Writer::index_tail`]). Readers
+/// scan at most this many events (per chain) for a token's latest events.
+const TOKEN_INDEX_BATCH: u64 = 50_000;
+/// The writer indexes the tail once no job has come for this long.
+const TOKEN_INDEX_IDLE: std::time::Duration = std::time::Duration::from_millis(250);
+/// Pause before indexing again after a failed attempt.
+const TOKEN_INDEX_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Most batches gathered into one transaction.
 const MAX_GROUP: usize = 1024;
@@ -341,6 +375,19 @@ impl SqliteStore {
     /// [`SqliteStore::open`], with `sync` making the WAL durable (tests
     /// put a failing or a gated one in its place).
     fn open_with_sync(path: &Path, sync: SyncWal) -> Result<SqliteStore, StoreError> {
+        SqliteStore::open_with(path, sync, TOKEN_INDEX_BATCH)
+    }
+
+    /// [`SqliteStore::open`], indexing audit events by token key once
+    /// `batch` of them are waiting instead of [`TOKEN_INDEX_BATCH`]: with 1,
+    /// after every commit. For tests of both ways a token's events are
+    /// found.
+    #[doc(hidden)]
+    pub fn open_indexing_every(path: &Path, batch: u64) -> Result<SqliteStore, StoreError> {
+        SqliteStore::open_with(path, Box::new(|wal| wal.sync_data()), batch.max(1))
+    }
+
+    fn open_with(path: &Path, sync: SyncWal, index_batch: u64) -> Result<SqliteStore, StoreError> {
         #[cfg(unix)]
         if !path.exists() {
             // Create the file owner-only before SQLite does; its -wal and
@@ -401,7 +448,13 @@ impl SqliteStore {
             .spawn(move || syncer.run(acks_rx))
             .map_err(|e| StoreError::Unavailable(format!("cannot start sync thread: {e}")))?;
         let (tx, rx) = mpsc::channel();
-        let writer = Writer::new(conn, path, acks, syncer, durability.clone());
+        let unindexed = unindexed_events(&conn).map_err(unavailable)?;
+        let mut writer = Writer::new(conn, path, acks, syncer, durability.clone());
+        writer.index = TokenIndexing {
+            batch: index_batch,
+            waiting: unindexed,
+            retry_at: None,
+        };
         let handle = std::thread::Builder::new()
             .name("ordervault-writer".into())
             .spawn(move || writer.run(rx))
@@ -819,28 +872,33 @@ impl Store for SqliteStore {
         limit: usize,
     ) -> Result<Vec<StoredEvent>, StoreError> {
         self.read(move |c| {
-            let mut sql =
-                format!("{EVENT_SELECT} WHERE chain = ?1 AND seq > ?2 AND {SEQ_IS_INTEGER}");
+            // With a token, its events are found first and the other
+            // filters only test them: `+` keeps SQLite from walking the
+            // chain or a principal's events instead.
+            let by = if f.token.is_some() { "+" } else { "" };
+            let mut sql = format!(
+                "{EVENT_SELECT} WHERE {by}chain = ?1 AND {by}seq > ?2 AND {SEQ_IS_INTEGER}"
+            );
             let mut args: Vec<rusqlite::types::Value> =
                 vec![f.chain.clone().into(), (f.after_seq as i64).into()];
-            let mut add = |clause: &str, v: rusqlite::types::Value| {
+            let mut add = |column: &str, op: &str, v: rusqlite::types::Value| {
                 args.push(v);
-                sql.push_str(&format!(" AND {clause} ?{}", args.len()));
+                sql.push_str(&format!(" AND {by}{column} {op} ?{}", args.len()));
             };
             if let Some(p) = f.principal {
-                add("principal =", p.into());
+                add("principal", "=", p.into());
             }
             if let Some(a) = f.action {
-                add("action =", a.into());
+                add("action", "=", a.into());
             }
             if let Some(d) = f.decision {
-                add("decision =", d.into());
+                add("decision", "=", d.into());
             }
             if let Some(s) = f.since_ms {
-                add("ts_ms >=", s.into());
+                add("ts_ms", ">=", s.into());
             }
             if let Some(u) = f.until_ms {
-                add("ts_ms <", u.into());
+                add("ts_ms", "<", u.into());
             }
             if let Some(t) = f.token {
                 // By key where the event has one, else by text.
@@ -849,9 +907,18 @@ impl Store for SqliteStore {
                 match f.token_key {
                     Some(k) => {
                         args.push(k.to_vec().into());
+                        let key = args.len();
                         sql.push_str(&format!(
-                            " AND (token_key = ?{} OR (token_key IS NULL AND token = ?{text}))",
-                            args.len()
+                            " AND rowid IN (
+                                SELECT e.rowid FROM audit_token_index i
+                                  CROSS JOIN audit_events e ON e.chain = i.chain AND e.seq = i.seq AND e.token_key = i.token_key
+                                  WHERE i.token_key = ?{key} AND i.chain = ?1 AND i.seq > ?2
+                                UNION ALL
+                                SELECT e.rowid FROM audit_token_upto u
+                                  CROSS JOIN audit_events e ON e.chain = u.chain AND e.seq > max(u.upto, ?2)
+                                  WHERE u.chain = ?1 AND e.token_key = ?{key}
+                                UNION ALL
+                                SELECT rowid FROM audit_events WHERE token = ?{text} AND token_key IS NULL)"
                         ));
                     }
                     None => sql.push_str(&format!(" AND token_key IS NULL AND token = ?{text}")),
@@ -873,17 +940,31 @@ impl Store for SqliteStore {
             let mut out = Vec::new();
             let keys: std::collections::BTreeSet<TokenId> =
                 tokens.iter().filter_map(|t| t.key).collect();
-            let mut st = c.prepare_cached(&format!(
-                "{EVENT_SELECT} WHERE token_key = ?1 AND {SEQ_IS_INTEGER}"
+            // One snapshot for the index and the scan past its marks.
+            let tx = c.unchecked_transaction()?;
+            let mut st = tx.prepare_cached(&format!(
+                "{EVENT_SELECT} WHERE rowid IN ({INDEXED_EVENTS}) AND {SEQ_IS_INTEGER}"
             ))?;
-            for k in keys {
+            for k in &keys {
                 for e in st.query_map([&k[..]], event_row)? {
                     out.push(e?);
                 }
             }
+            drop(st);
+            // Past the marks: one scan for every key.
+            let mut st = tx.prepare_cached(&format!(
+                "{EVENT_SELECT} WHERE rowid IN ({UNINDEXED_EVENTS}) AND {SEQ_IS_INTEGER}"
+            ))?;
+            for e in st.query_map([], event_row)? {
+                let e = e?;
+                if e.token_key.is_some_and(|k| keys.contains(&k)) {
+                    out.push(e);
+                }
+            }
+            drop(st);
             let texts: std::collections::BTreeSet<&str> =
                 tokens.iter().map(|t| t.text.as_str()).collect();
-            let mut st = c.prepare_cached(&format!(
+            let mut st = tx.prepare_cached(&format!(
                 "{EVENT_SELECT} WHERE token = ?1 AND token_key IS NULL AND {SEQ_IS_INTEGER}"
             ))?;
             for t in texts {
@@ -891,10 +972,33 @@ impl Store for SqliteStore {
                     out.push(e?);
                 }
             }
+            drop(st);
+            tx.commit()?;
             out.sort_by(|a, b| (&a.chain, a.seq).cmp(&(&b.chain, b.seq)));
+            // An event both indexed and past its chain's mark (a mark moved
+            // back) is one event.
+            out.dedup_by(|a, b| a.chain == b.chain && a.seq == b.seq);
             Ok(out)
         })
         .await
+    }
+
+    async fn audit_unfindable(&self, chain: &str) -> Result<Option<u64>, StoreError> {
+        let chain = chain.to_owned();
+        self.read(move |c| {
+            c.prepare_cached(&format!(
+                "SELECT e.seq FROM audit_events e
+                 WHERE e.chain = ?1 AND e.token_key IS NOT NULL AND {SEQ_IS_INTEGER}
+                   AND NOT EXISTS (SELECT 1 FROM audit_token_upto u WHERE u.chain = e.chain AND e.seq > u.upto)
+                   AND NOT EXISTS (SELECT 1 FROM audit_token_index i
+                                   WHERE i.token_key = e.token_key AND i.chain = e.chain AND i.seq = e.seq)
+                 ORDER BY e.seq LIMIT 1"
+            ))?
+            .query_row([chain], |r| r.get::<_, i64>(0))
+            .optional()
+        })
+        .await
+        .map(|seq| seq.map(|s| s as u64))
     }
 
     async fn revealed_records(
@@ -1082,6 +1186,19 @@ fn refused(why: String) -> rusqlite::Error {
         Some(why),
     )
 }
+
+/// The rowids of the events indexed under token key `?1`, where the event
+/// still holds that key.
+const INDEXED_EVENTS: &str = "SELECT e.rowid FROM audit_token_index i
+    CROSS JOIN audit_events e ON e.chain = i.chain AND e.seq = i.seq AND e.token_key = i.token_key
+    WHERE i.token_key = ?1";
+
+/// The rowids of the events with a token key past their chain's mark, which
+/// the writer has not indexed yet: at most [`TOKEN_INDEX_BATCH`] per chain
+/// and what came since.
+const UNINDEXED_EVENTS: &str = "SELECT e.rowid FROM audit_token_upto u
+    CROSS JOIN audit_events e ON e.chain = u.chain AND e.seq > u.upto
+    WHERE e.token_key IS NOT NULL";
 
 const EVENT_SELECT: &str = "SELECT seq, chain, leaf, chain_hash, principal, action, decision, token, ts_ms, token_key, order_token FROM audit_events";
 
@@ -1439,7 +1556,29 @@ impl Syncer {
     }
 }
 
+/// Audit events past the token index's marks ([`Writer::index_tail`]).
+fn unindexed_events(conn: &Connection) -> rusqlite::Result<u64> {
+    conn.query_row(
+        "SELECT count(*) FROM audit_token_upto u CROSS JOIN audit_events e ON e.chain = u.chain AND e.seq > u.upto",
+        [],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|n| n as u64)
+}
+
+/// When the writer next indexes audit events by token key.
+#[derive(Default)]
+struct TokenIndexing {
+    /// Events waiting past which the writer indexes them.
+    batch: u64,
+    /// Events committed past the marks, as far as the writer counted.
+    waiting: u64,
+    /// After a failed attempt: not before this instant.
+    retry_at: Option<std::time::Instant>,
+}
+
 struct Writer {
+    index: TokenIndexing,
     conn: Connection,
     wal: PathBuf,
     /// Committed jobs, to the syncer.
@@ -1464,6 +1603,7 @@ impl Writer {
         durability: Arc<Durability>,
     ) -> Writer {
         Writer {
+            index: TokenIndexing::default(),
             conn,
             wal: wal_path(db),
             acks,
@@ -1541,7 +1681,20 @@ impl Writer {
     fn run(mut self, rx: mpsc::Receiver<Job>) {
         // Blocks until a job arrives; returns when every sender is gone and
         // the queue is drained, so a shutdown commits everything accepted.
-        while let Ok(first) = rx.recv() {
+        loop {
+            let first = if self.index.waiting == 0 {
+                rx.recv().ok()
+            } else {
+                match rx.recv_timeout(TOKEN_INDEX_IDLE) {
+                    Ok(job) => Some(job),
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        self.index_tail();
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => None,
+                }
+            };
+            let Some(first) = first else { break };
             let mut jobs = vec![first];
             while jobs.len() < MAX_GROUP {
                 match rx.try_recv() {
@@ -1550,6 +1703,9 @@ impl Writer {
                 }
             }
             self.commit_group(jobs);
+            if self.index.waiting >= self.index.batch {
+                self.index_tail();
+            }
             self.bound_wal();
         }
         // Every group is committed: let the syncer answer the last ones.
@@ -1664,9 +1820,86 @@ impl Writer {
         }
     }
 
+    /// Adds the audit events past each chain's `audit_token_upto` mark to
+    /// `audit_token_index`, sorted by key, in one transaction, and moves the
+    /// marks to the chains' heads. Each index page is then written once
+    /// for all the batch's events on it, however many reveals of the same
+    /// token the batch holds. What it adds is derived from committed events:
+    /// a failure leaves them to the readers' scan past the mark, and is
+    /// tried again later.
+    fn index_tail(&mut self) {
+        if self.durability.broken.get().is_some() {
+            return;
+        }
+        let now = std::time::Instant::now();
+        if self.index.retry_at.is_some_and(|at| now < at) {
+            return;
+        }
+        let commits = self
+            .durability
+            .committed
+            .load(std::sync::atomic::Ordering::SeqCst);
+        let outcome = (|| -> rusqlite::Result<()> {
+            self.conn.execute_batch("BEGIN IMMEDIATE")?;
+            let marks: Vec<(String, i64)> = self
+                .conn
+                .prepare_cached("SELECT chain, upto FROM audit_token_upto")?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<_>>()?;
+            for (chain, upto) in marks {
+                let last = self.head(&chain)?.next_seq as i64 - 1;
+                if last <= upto {
+                    continue;
+                }
+                self.conn
+                    .prepare_cached(&format!(
+                        "INSERT OR IGNORE INTO audit_token_index (token_key, chain, seq)
+                         SELECT token_key, chain, seq FROM audit_events
+                         WHERE chain = ?1 AND seq > ?2 AND seq <= ?3 AND token_key IS NOT NULL AND {SEQ_IS_INTEGER}
+                         ORDER BY token_key, seq"
+                    ))?
+                    .execute(params![chain, upto, last])?;
+                self.conn
+                    .prepare_cached("UPDATE audit_token_upto SET upto = ?2 WHERE chain = ?1")?
+                    .execute(params![chain, last])?;
+            }
+            self.durability
+                .begun
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let commit = self.conn.execute_batch("COMMIT");
+            self.durability
+                .committed
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            commit
+        })();
+        match outcome {
+            Ok(()) => {
+                tracing::debug!(events = self.index.waiting, took = ?now.elapsed(), "indexed audit events by token");
+                self.index.waiting = 0;
+                self.index.retry_at = None;
+            }
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                self.index.retry_at = Some(now + TOKEN_INDEX_RETRY);
+                tracing::warn!(error = %e, "could not index audit events by token; readers scan them meanwhile, and it is tried again");
+            }
+        }
+        // As for a group: readers wait on the count of every COMMIT run.
+        let ran = self
+            .durability
+            .committed
+            .load(std::sync::atomic::Ordering::SeqCst)
+            != commits;
+        if ran && self.acks.send(Vec::new()).is_err() {
+            let _ = self.durability.broken.set("the sync thread stopped".into());
+            self.durability.synced.send_modify(|_| {});
+        }
+    }
+
     /// Applies `jobs` in one transaction; all or none are durable.
     fn try_group(&mut self, jobs: &[Job]) -> Result<Vec<Committed>, StoreError> {
         let saved = self.heads.clone();
+        let saved_waiting = self.index.waiting;
         let outcome = (|| -> Result<Vec<Committed>, StoreError> {
             self.conn
                 .execute_batch("BEGIN IMMEDIATE")
@@ -1697,6 +1930,7 @@ impl Writer {
         if outcome.is_err() {
             // Nothing of the group is durable: forget the heads it advanced.
             self.heads = saved;
+            self.index.waiting = saved_waiting;
         }
         outcome
     }
@@ -1931,8 +2165,17 @@ impl Writer {
                     event.order_token,
                     b.audit_token_key(i).map(|k| k.to_vec())
                 ])?;
+            if seq == 1 {
+                // Every chain has a mark: readers scan past it.
+                self.conn
+                    .prepare_cached(
+                        "INSERT OR IGNORE INTO audit_token_upto (chain, upto) VALUES (?1, 0)",
+                    )?
+                    .execute([chain])?;
+            }
             head.next_seq += 1;
             self.heads.insert(chain.to_owned(), head);
+            self.index.waiting += 1;
             out.audit_seqs.push(seq);
         }
         Ok(out)
@@ -2210,5 +2453,240 @@ mod tests {
         let file = std::fs::read(&db).expect("read the database file");
         let marker = b"closed-cleanly";
         assert!(file.windows(marker.len()).any(|w| w == marker));
+    }
+
+    /// Reveals of `keys` (one event each, `None` for an event without a
+    /// token key) appended to `chain`.
+    fn keyed_events(chain: &str, keys: &[Option<TokenId>]) -> WriteBatch {
+        let audit = keys
+            .iter()
+            .map(|k| {
+                let mut e = audit::AuditEvent::new(
+                    1_700_000_000_000,
+                    "courier-1",
+                    "courier",
+                    audit::Action::Reveal,
+                    audit::Decision::Allowed,
+                    "req-1",
+                    "policy-1",
+                );
+                e.token = k.map(|k| format!("ph_{}", k[0]));
+                e
+            })
+            .collect();
+        WriteBatch {
+            audit_chain: chain.to_owned(),
+            audit,
+            audit_token_keys: keys.to_vec(),
+            ..Default::default()
+        }
+    }
+
+    /// (chain, seq) of every event a search by `key` finds, both ways.
+    async fn found(store: &SqliteStore, key: TokenId) -> Vec<(String, u64)> {
+        let lookup = crate::store::TokenLookup {
+            text: format!("ph_{}", key[0]),
+            key: Some(key),
+        };
+        let by_tokens: Vec<(String, u64)> = store
+            .audit_by_tokens(vec![lookup])
+            .await
+            .expect("audit_by_tokens")
+            .into_iter()
+            .map(|e| (e.chain, e.seq))
+            .collect();
+        let mut by_query = Vec::new();
+        for chain in ["a", "b"] {
+            let filter = AuditFilter {
+                chain: chain.into(),
+                token: Some(format!("ph_{}", key[0])),
+                token_key: Some(key),
+                ..Default::default()
+            };
+            for e in store.audit_query(filter, 100).await.expect("audit_query") {
+                by_query.push((e.chain, e.seq));
+            }
+        }
+        assert_eq!(by_tokens, by_query, "audit_by_tokens and audit_query agree");
+        by_tokens
+    }
+
+    /// Each chain's mark, and each entry as (first byte of its key, chain, seq).
+    type IndexState = (Vec<(String, i64)>, Vec<(u8, String, i64)>);
+
+    /// Marks and entries of the token index, read by another connection.
+    fn index_of(db: &Path) -> IndexState {
+        let c = Connection::open(db).expect("open a side connection");
+        let marks = c
+            .prepare("SELECT chain, upto FROM audit_token_upto ORDER BY chain")
+            .and_then(|mut st| {
+                st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .expect("read the marks");
+        let entries = c
+            .prepare("SELECT token_key, chain, seq FROM audit_token_index ORDER BY chain, seq")
+            .and_then(|mut st| {
+                st.query_map([], |r| {
+                    Ok((r.get::<_, Vec<u8>>(0)?[0], r.get(1)?, r.get(2)?))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .expect("read the index");
+        (marks, entries)
+    }
+
+    /// Audit events are indexed by token key in batches: a search finds a
+    /// token's events the same whether they are indexed or still past the
+    /// mark, the writer indexes them once a batch is waiting (and counts
+    /// what waits across a restart), and an edit of the index that would
+    /// hide an event from a search is named by `audit_unfindable`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn audit_events_are_found_by_token_key_before_and_after_indexing() {
+        let dir = tempfile::tempdir().expect("scratch directory");
+        let db = dir.path().join("vault.db");
+        let (k1, k2) = ([1u8; 16], [2u8; 16]);
+        let store = SqliteStore::open_indexing_every(&db, 4).expect("open");
+        store
+            .commit(keyed_events("a", &[Some(k1), Some(k2), Some(k1)]))
+            .await
+            .expect("commit");
+        // Three waiting, fewer than the batch: nothing indexed yet.
+        store.commit(meta_batch("after")).await.expect("commit");
+        assert_eq!(index_of(&db), (vec![("a".into(), 0)], vec![]));
+        let a = |seqs: &[u64]| {
+            seqs.iter()
+                .map(|s| ("a".to_owned(), *s))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(found(&store, k1).await, a(&[1, 3]), "past the mark");
+        store
+            .commit(keyed_events("a", &[Some(k1), None]))
+            .await
+            .expect("commit");
+        // The writer indexes after the group that filled the batch, before
+        // the next one.
+        store.commit(meta_batch("after")).await.expect("commit");
+        let (marks, entries) = index_of(&db);
+        assert_eq!(marks, vec![("a".into(), 5)]);
+        assert_eq!(
+            entries,
+            vec![
+                (1, "a".into(), 1),
+                (2, "a".into(), 2),
+                (1, "a".into(), 3),
+                (1, "a".into(), 4)
+            ],
+            "every keyed event indexed, none for the event without a key"
+        );
+        assert_eq!(found(&store, k1).await, a(&[1, 3, 4]), "indexed");
+        store
+            .commit(keyed_events("b", &[Some(k2), Some(k1)]))
+            .await
+            .expect("commit");
+        let mut both = a(&[1, 3, 4]);
+        both.push(("b".into(), 2));
+        assert_eq!(found(&store, k1).await, both, "indexed and past the mark");
+        assert_eq!(store.audit_unfindable("a").await.expect("check"), None);
+        assert_eq!(store.audit_unfindable("b").await.expect("check"), None);
+        store.close();
+        drop(store);
+
+        // Two events of chain b wait; the reopened writer counts them.
+        let store = SqliteStore::open_indexing_every(&db, 3).expect("reopen");
+        assert_eq!(found(&store, k1).await, both, "after a restart");
+        store
+            .commit(keyed_events("b", &[Some(k1)]))
+            .await
+            .expect("commit");
+        store.commit(meta_batch("after")).await.expect("commit");
+        let (marks, _) = index_of(&db);
+        assert_eq!(marks, vec![("a".into(), 5), ("b".into(), 3)]);
+        both.push(("b".into(), 3));
+        assert_eq!(found(&store, k1).await, both);
+
+        // Edits that hide events from a search are named.
+        let side = Connection::open(&db).expect("open a side connection");
+        side.execute(
+            "DELETE FROM audit_token_index WHERE chain = 'a' AND seq = 3",
+            [],
+        )
+        .expect("delete an entry");
+        assert_eq!(
+            found(&store, k1).await[..2],
+            a(&[1, 4])[..],
+            "the index is what is searched"
+        );
+        assert_eq!(store.audit_unfindable("a").await.expect("check"), Some(3));
+        store
+            .commit(keyed_events("b", &[Some(k1)]))
+            .await
+            .expect("commit");
+        side.execute("DELETE FROM audit_token_upto WHERE chain = 'b'", [])
+            .expect("delete a mark");
+        assert_eq!(
+            store.audit_unfindable("b").await.expect("check"),
+            Some(4),
+            "an event not indexed yet, with no mark to scan past"
+        );
+        side.execute("INSERT INTO audit_token_upto VALUES ('b', 1)", [])
+            .expect("move a mark back");
+        assert_eq!(
+            store.audit_unfindable("b").await.expect("check"),
+            None,
+            "events past the mark are scanned"
+        );
+        both.push(("b".into(), 4));
+        assert_eq!(
+            found(&store, k1).await[2..],
+            both[3..],
+            "an event both indexed and past the mark is found once"
+        );
+        side.execute("UPDATE audit_token_upto SET upto = 9 WHERE chain = 'a'", [])
+            .expect("move a mark");
+        assert_eq!(store.audit_unfindable("a").await.expect("check"), Some(3));
+        store.close();
+    }
+
+    /// A database from before the token index: the migration indexes every
+    /// event that has a token key and sets each chain's mark at its head.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_migration_indexes_the_events_already_stored() {
+        let dir = tempfile::tempdir().expect("scratch directory");
+        let db = dir.path().join("vault.db");
+        let before = MIGRATIONS.len() - 1;
+        {
+            let c = Connection::open(&db).expect("create");
+            for sql in &MIGRATIONS[..before] {
+                c.execute_batch(sql).expect("an earlier migration");
+            }
+            c.pragma_update(None, "user_version", before as i64)
+                .expect("set the version");
+            for (chain, seq, key) in [
+                ("a", 1, Some([1u8; 16])),
+                ("a", 2, None),
+                ("a", 3, Some([2u8; 16])),
+                ("b", 1, Some([1u8; 16])),
+            ] {
+                c.execute(
+                    "INSERT INTO audit_events (chain, seq, ts_ms, principal, action, decision, token, leaf, chain_hash, token_key)
+                     VALUES (?1, ?2, 0, 'courier-1', 'reveal', 'allowed', ?3, x'00', x'00', ?4)",
+                    params![chain, seq, key.map(|k| format!("ph_{}", k[0])), key.map(|k| k.to_vec())],
+                )
+                .expect("an event");
+            }
+        }
+        let store = SqliteStore::open(&db).expect("open and migrate");
+        let (marks, entries) = index_of(&db);
+        assert_eq!(marks, vec![("a".into(), 3), ("b".into(), 1)]);
+        assert_eq!(
+            entries,
+            vec![(1, "a".into(), 1), (2, "a".into(), 3), (1, "b".into(), 1)]
+        );
+        assert_eq!(
+            found(&store, [1u8; 16]).await,
+            vec![("a".to_owned(), 1), ("b".to_owned(), 1)]
+        );
+        store.close();
     }
 }
