@@ -406,6 +406,12 @@ impl Engine {
                 let (store, chain) = (store.clone(), chain.clone());
                 tokio::spawn(async move { store.audit_events(&chain, from, PAGE).await })
             };
+            // Whether every event is found by its token: one pass over the
+            // chain's index beside the check of its events.
+            let unfindable = {
+                let (store, chain) = (store.clone(), chain.clone());
+                tokio::spawn(async move { store.audit_unfindable(&chain).await })
+            };
             let mut pending = Some(fetch(1));
             while failure.is_none() {
                 let Some(task) = pending.take() else { break };
@@ -467,8 +473,11 @@ impl Engine {
             }
             // Sound events, and each one must be found by its token: an
             // event dropped from the token index is hidden from leak traces.
+            let unfindable = unfindable
+                .await
+                .map_err(|e| VaultError::Internal(format!("audit read task: {e}")))??;
             if failure.is_none()
-                && let Some(seq) = self.store.audit_unfindable(&chain).await?
+                && let Some(seq) = unfindable
             {
                 failure = Some(audit::VerifyError {
                     seq,

@@ -173,6 +173,8 @@ CREATE TABLE audit_token_index (
     seq       INTEGER NOT NULL,
     PRIMARY KEY (token_key, chain, seq)
 ) WITHOUT ROWID;
+-- Verify walks a chain's entries in the order of its events.
+CREATE INDEX audit_token_index_by_seq ON audit_token_index (chain, seq);
 CREATE TABLE audit_token_upto (
     chain TEXT PRIMARY KEY,
     upto  INTEGER NOT NULL
@@ -986,19 +988,46 @@ impl Store for SqliteStore {
     async fn audit_unfindable(&self, chain: &str) -> Result<Option<u64>, StoreError> {
         let chain = chain.to_owned();
         self.read(move |c| {
-            c.prepare_cached(&format!(
-                "SELECT e.seq FROM audit_events e
-                 WHERE e.chain = ?1 AND e.token_key IS NOT NULL AND {SEQ_IS_INTEGER}
-                   AND NOT EXISTS (SELECT 1 FROM audit_token_upto u WHERE u.chain = e.chain AND e.seq > u.upto)
-                   AND NOT EXISTS (SELECT 1 FROM audit_token_index i
-                                   WHERE i.token_key = e.token_key AND i.chain = e.chain AND i.seq = e.seq)
-                 ORDER BY e.seq LIMIT 1"
-            ))?
-            .query_row([chain], |r| r.get::<_, i64>(0))
-            .optional()
+            // The chain's keyed events up to its mark, and its index
+            // entries, both in seq order: one pass over each, merged.
+            let tx = c.unchecked_transaction()?;
+            let upto: i64 = tx
+                .prepare_cached("SELECT upto FROM audit_token_upto WHERE chain = ?1")?
+                .query_row([&chain], |r| r.get(0))
+                .optional()?
+                // No mark: nothing is scanned, all must be indexed.
+                .unwrap_or(i64::MAX);
+            let mut events = tx.prepare_cached(&format!(
+                "SELECT seq, token_key FROM audit_events
+                 WHERE chain = ?1 AND seq <= ?2 AND token_key IS NOT NULL AND {SEQ_IS_INTEGER}
+                 ORDER BY seq"
+            ))?;
+            let mut entries = tx.prepare_cached(
+                "SELECT seq, token_key FROM audit_token_index INDEXED BY audit_token_index_by_seq
+                 WHERE chain = ?1 AND seq <= ?2 ORDER BY seq",
+            )?;
+            let row = |r: &rusqlite::Row<'_>| -> rusqlite::Result<(i64, rusqlite::types::Value)> {
+                Ok((r.get(0)?, r.get(1)?))
+            };
+            let mut entries = entries.query_map(params![chain, upto], row)?;
+            let mut entry = entries.next().transpose()?;
+            for event in events.query_map(params![chain, upto], row)? {
+                let (seq, key) = event?;
+                let mut found = false;
+                while let Some((at, entry_key)) = &entry {
+                    if *at > seq {
+                        break;
+                    }
+                    found |= *at == seq && *entry_key == key;
+                    entry = entries.next().transpose()?;
+                }
+                if !found {
+                    return Ok(Some(seq as u64));
+                }
+            }
+            Ok(None)
         })
         .await
-        .map(|seq| seq.map(|s| s as u64))
     }
 
     async fn revealed_records(
