@@ -650,6 +650,8 @@ async fn an_edit_that_hides_a_reveal_from_searches_is_named_by_verify() {
     assert!(!bad.ok, "{bad:?}");
     assert_eq!(bad.chains[0].first_bad_seq, later as u64, "{bad:?}");
     assert!(bad.chains[0].problem.contains("token index"), "{bad:?}");
+    drop(sql);
+    vault.stop().await;
 }
 
 /// Drives enough activity to have a few checkpoints, returns (export path, pubkey).

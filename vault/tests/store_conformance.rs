@@ -74,8 +74,8 @@ async fn backends() -> Vec<Backend> {
             store: Arc::new(sqlite),
             _guard: Box::new(dir),
         },
-        // SQLite indexes audit events by token key in batches; the two
-        // above find a check's few events past the batch's mark.
+        // SQLite indexes audit events by token key in batches; the other
+        // two find a check's few events past the batch's mark.
         Backend {
             name: "sqlite (token index after each commit)",
             backend: "sqlite",
@@ -2866,6 +2866,15 @@ async fn audit_by_token_keys(be: &str, store: &dyn Store) {
         stored.iter().map(|e| e.token_key).collect::<Vec<_>>(),
         vec![Some(k1), None, Some(k2), Some(k1), None],
         "{be}: token keys read back as written, none where the batch gave none"
+    );
+    let with_keys = stored
+        .iter()
+        .filter_map(|e| e.token_key.map(|k| (e.seq, k)))
+        .collect();
+    assert_eq!(
+        store.audit_unfindable(CHAIN, with_keys).await.must(be),
+        None,
+        "{be}: every event stored with a key is found by it (Store::audit_unfindable)"
     );
     let seqs = |v: Vec<StoredEvent>| -> Vec<u64> { v.into_iter().map(|e| e.seq).collect() };
     let keyed = |text: &str, key: TokenId| TokenLookup {

@@ -452,13 +452,16 @@ pub trait Store: Send + Sync + 'static {
         &self,
         tokens: Vec<TokenLookup>,
     ) -> Result<Vec<StoredEvent>, StoreError>;
-    /// The first event of `chain` with a token key that
-    /// [`Store::audit_by_tokens`] and a query by token would not find: for a
-    /// store that indexes events by token key apart from the events
-    /// themselves, where that index was edited. `None` where every such
-    /// event is found (the default, for stores whose database keeps that
-    /// index itself).
-    async fn audit_unfindable(&self, _chain: &str) -> Result<Option<u64>, StoreError> {
+    /// The first of `events` of `chain` (seq and token key, in seq order)
+    /// that [`Store::audit_by_tokens`] and a query by token would not find:
+    /// for a store that indexes events by token key apart from the events
+    /// themselves, where that index was edited. `None` where each is found
+    /// (the default, for stores whose database keeps that index itself).
+    async fn audit_unfindable(
+        &self,
+        _chain: &str,
+        _events: Vec<(u64, TokenId)>,
+    ) -> Result<Option<u64>, StoreError> {
         Ok(None)
     }
     /// Distinct records (order tokens, or tokens outside orders) a principal

@@ -240,8 +240,15 @@ impl Store for PermutedStore {
         Ok(self.events_out(self.inner.audit_query(filter, limit).await?))
     }
 
-    async fn audit_unfindable(&self, chain: &str) -> Result<Option<u64>, StoreError> {
-        self.inner.audit_unfindable(chain).await
+    async fn audit_unfindable(
+        &self,
+        chain: &str,
+        events: Vec<(u64, TokenId)>,
+    ) -> Result<Option<u64>, StoreError> {
+        // Events read through this store carry their keys as it hands them
+        // out; the inner store indexed them as stored.
+        let events = events.into_iter().map(|(s, k)| (s, self.key(&k))).collect();
+        self.inner.audit_unfindable(chain, events).await
     }
 
     async fn audit_by_tokens(

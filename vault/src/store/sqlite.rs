@@ -173,14 +173,12 @@ CREATE TABLE audit_token_index (
     seq       INTEGER NOT NULL,
     PRIMARY KEY (token_key, chain, seq)
 ) WITHOUT ROWID;
--- Verify walks a chain's entries in the order of its events.
-CREATE INDEX audit_token_index_by_seq ON audit_token_index (chain, seq);
 CREATE TABLE audit_token_upto (
     chain TEXT PRIMARY KEY,
     upto  INTEGER NOT NULL
 ) WITHOUT ROWID;
 INSERT OR IGNORE INTO audit_token_index (token_key, chain, seq)
-    SELECT token_key, chain, seq FROM audit_events
+    SELECT token_key, chain, seq FROM audit_events NOT INDEXED
     WHERE token_key IS NOT NULL AND typeof(seq) = 'integer'
     ORDER BY token_key, chain, seq;
 INSERT INTO audit_token_upto (chain, upto)
@@ -189,10 +187,13 @@ DROP INDEX audit_by_token_key;
 ",
 ];
 
-/// Audit events a chain may hold past its `audit_token_upto` mark before
-/// the writer indexes them by token key ([`Writer::index_tail`]). Readers
-/// scan at most this many events (per chain) for a token's latest events.
+/// Audit events (of all chains) past their chains' `audit_token_upto` marks
+/// at which the writer indexes them by token key ([`Writer::index_tail`]).
+/// Readers scan about this many events at most for a token's latest ones
+/// (more while indexing fails: it is retried every [`TOKEN_INDEX_RETRY`]).
 const TOKEN_INDEX_BATCH: u64 = 50_000;
+/// Index entries the writer inserts in one transaction, between two groups.
+const TOKEN_INDEX_CHUNK: usize = 2048;
 /// The writer indexes the tail once no job has come for this long.
 const TOKEN_INDEX_IDLE: std::time::Duration = std::time::Duration::from_millis(250);
 /// Pause before indexing again after a failed attempt.
@@ -358,6 +359,15 @@ fn open_conn(path: &Path) -> rusqlite::Result<Connection> {
 
 fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
     let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if version > 0 && (version as usize) < MIGRATIONS.len() {
+        // Some rewrite every audit event (the token index): on a large log
+        // the vault is quiet for minutes here.
+        tracing::info!(
+            from = version,
+            to = MIGRATIONS.len(),
+            "upgrading the database schema; on a large audit log this can take minutes"
+        );
+    }
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
         let tx = conn.transaction()?;
         tx.execute_batch(sql)?;
@@ -377,19 +387,30 @@ impl SqliteStore {
     /// [`SqliteStore::open`], with `sync` making the WAL durable (tests
     /// put a failing or a gated one in its place).
     fn open_with_sync(path: &Path, sync: SyncWal) -> Result<SqliteStore, StoreError> {
-        SqliteStore::open_with(path, sync, TOKEN_INDEX_BATCH)
+        SqliteStore::open_with(path, sync, TokenIndexing::default())
     }
 
     /// [`SqliteStore::open`], indexing audit events by token key once
-    /// `batch` of them are waiting instead of [`TOKEN_INDEX_BATCH`]: with 1,
-    /// after every commit. For tests of both ways a token's events are
+    /// `batch` of them are waiting instead of [`TOKEN_INDEX_BATCH`] (with 1,
+    /// after every commit), never because the writer is idle, and again at
+    /// once after a failure: for tests of both ways a token's events are
     /// found.
     #[doc(hidden)]
     pub fn open_indexing_every(path: &Path, batch: u64) -> Result<SqliteStore, StoreError> {
-        SqliteStore::open_with(path, Box::new(|wal| wal.sync_data()), batch.max(1))
+        let indexing = TokenIndexing {
+            batch: batch.max(1),
+            idle: None,
+            retry: std::time::Duration::ZERO,
+            ..TokenIndexing::default()
+        };
+        SqliteStore::open_with(path, Box::new(|wal| wal.sync_data()), indexing)
     }
 
-    fn open_with(path: &Path, sync: SyncWal, index_batch: u64) -> Result<SqliteStore, StoreError> {
+    fn open_with(
+        path: &Path,
+        sync: SyncWal,
+        indexing: TokenIndexing,
+    ) -> Result<SqliteStore, StoreError> {
         #[cfg(unix)]
         if !path.exists() {
             // Create the file owner-only before SQLite does; its -wal and
@@ -453,9 +474,8 @@ impl SqliteStore {
         let unindexed = unindexed_events(&conn).map_err(unavailable)?;
         let mut writer = Writer::new(conn, path, acks, syncer, durability.clone());
         writer.index = TokenIndexing {
-            batch: index_batch,
             waiting: unindexed,
-            retry_at: None,
+            ..indexing
         };
         let handle = std::thread::Builder::new()
             .name("ordervault-writer".into())
@@ -953,17 +973,32 @@ impl Store for SqliteStore {
                 }
             }
             drop(st);
-            // Past the marks: one scan for every key.
-            let mut st = tx.prepare_cached(&format!(
-                "{EVENT_SELECT} WHERE rowid IN ({UNINDEXED_EVENTS}) AND {SEQ_IS_INTEGER}"
-            ))?;
-            for e in st.query_map([], event_row)? {
-                let e = e?;
-                if e.token_key.is_some_and(|k| keys.contains(&k)) {
-                    out.push(e);
+            // Past the marks: one scan of the keys for every lookup, then
+            // the rows that match.
+            if !keys.is_empty() {
+                let matching: Vec<i64> = tx
+                    .prepare_cached(UNINDEXED_EVENTS)?
+                    .query_map([], |r| {
+                        Ok((r.get::<_, i64>(0)?, r.get::<_, rusqlite::types::Value>(1)?))
+                    })?
+                    .filter_map(|row| match row {
+                        Ok((rowid, rusqlite::types::Value::Blob(k))) => {
+                            let k: TokenId = k.try_into().ok()?;
+                            keys.contains(&k).then_some(Ok(rowid))
+                        }
+                        Ok(_) => None,
+                        Err(e) => Some(Err(e)),
+                    })
+                    .collect::<rusqlite::Result<_>>()?;
+                let mut st = tx.prepare_cached(&format!(
+                    "{EVENT_SELECT} WHERE rowid = ?1 AND {SEQ_IS_INTEGER}"
+                ))?;
+                for rowid in matching {
+                    for e in st.query_map([rowid], event_row)? {
+                        out.push(e?);
+                    }
                 }
             }
-            drop(st);
             let texts: std::collections::BTreeSet<&str> =
                 tokens.iter().map(|t| t.text.as_str()).collect();
             let mut st = tx.prepare_cached(&format!(
@@ -985,44 +1020,39 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn audit_unfindable(&self, chain: &str) -> Result<Option<u64>, StoreError> {
+    async fn audit_unfindable(
+        &self,
+        chain: &str,
+        events: Vec<(u64, TokenId)>,
+    ) -> Result<Option<u64>, StoreError> {
         let chain = chain.to_owned();
         self.read(move |c| {
-            // The chain's keyed events up to its mark, and its index
-            // entries, both in seq order: one pass over each, merged.
+            // The chain's mark and index entries as one snapshot holds
+            // them; entries at or below a mark never change, so events
+            // read in another snapshot are checked all the same.
             let tx = c.unchecked_transaction()?;
-            let upto: i64 = tx
+            let mark = tx
                 .prepare_cached("SELECT upto FROM audit_token_upto WHERE chain = ?1")?
-                .query_row([&chain], |r| r.get(0))
-                .optional()?
-                // No mark: nothing is scanned, all must be indexed.
-                .unwrap_or(i64::MAX);
-            let mut events = tx.prepare_cached(&format!(
-                "SELECT seq, token_key FROM audit_events
-                 WHERE chain = ?1 AND seq <= ?2 AND token_key IS NOT NULL AND {SEQ_IS_INTEGER}
-                 ORDER BY seq"
-            ))?;
-            let mut entries = tx.prepare_cached(
-                "SELECT seq, token_key FROM audit_token_index INDEXED BY audit_token_index_by_seq
-                 WHERE chain = ?1 AND seq <= ?2 ORDER BY seq",
-            )?;
-            let row = |r: &rusqlite::Row<'_>| -> rusqlite::Result<(i64, rusqlite::types::Value)> {
-                Ok((r.get(0)?, r.get(1)?))
+                .query_row([&chain], |r| r.get::<_, rusqlite::types::Value>(0))
+                .optional()?;
+            // Searches scan the events past an integer mark (a real one
+            // compares as its number); past no mark, or one of another
+            // type, they scan nothing, and every event must be indexed.
+            let upto = match mark {
+                Some(rusqlite::types::Value::Integer(n)) => n,
+                Some(rusqlite::types::Value::Real(r)) if r.is_finite() => r.floor() as i64,
+                _ => i64::MAX,
             };
-            let mut entries = entries.query_map(params![chain, upto], row)?;
-            let mut entry = entries.next().transpose()?;
-            for event in events.query_map(params![chain, upto], row)? {
-                let (seq, key) = event?;
-                let mut found = false;
-                while let Some((at, entry_key)) = &entry {
-                    if *at > seq {
-                        break;
-                    }
-                    found |= *at == seq && *entry_key == key;
-                    entry = entries.next().transpose()?;
+            // Through the primary key, as the searches find them.
+            let mut entry = tx.prepare_cached(
+                "SELECT 1 FROM audit_token_index WHERE token_key = ?1 AND chain = ?2 AND seq = ?3",
+            )?;
+            for (seq, key) in events {
+                if (seq as i64) > upto {
+                    break;
                 }
-                if !found {
-                    return Ok(Some(seq as u64));
+                if !entry.exists(params![&key[..], chain, seq as i64])? {
+                    return Ok(Some(seq));
                 }
             }
             Ok(None)
@@ -1222,10 +1252,9 @@ const INDEXED_EVENTS: &str = "SELECT e.rowid FROM audit_token_index i
     CROSS JOIN audit_events e ON e.chain = i.chain AND e.seq = i.seq AND e.token_key = i.token_key
     WHERE i.token_key = ?1";
 
-/// The rowids of the events with a token key past their chain's mark, which
-/// the writer has not indexed yet: at most [`TOKEN_INDEX_BATCH`] per chain
-/// and what came since.
-const UNINDEXED_EVENTS: &str = "SELECT e.rowid FROM audit_token_upto u
+/// The rowids and keys of the events with a token key past their chain's mark, which
+/// the writer has not indexed yet: about [`TOKEN_INDEX_BATCH`] at most.
+const UNINDEXED_EVENTS: &str = "SELECT e.rowid, e.token_key FROM audit_token_upto u
     CROSS JOIN audit_events e ON e.chain = u.chain AND e.seq > u.upto
     WHERE e.token_key IS NOT NULL";
 
@@ -1596,14 +1625,45 @@ fn unindexed_events(conn: &Connection) -> rusqlite::Result<u64> {
 }
 
 /// When the writer next indexes audit events by token key.
-#[derive(Default)]
 struct TokenIndexing {
     /// Events waiting past which the writer indexes them.
     batch: u64,
-    /// Events committed past the marks, as far as the writer counted.
+    /// Idle time after which it indexes whatever waits; `None`: never.
+    idle: Option<std::time::Duration>,
+    /// Pause before trying again after a failed attempt.
+    retry: std::time::Duration,
+    /// Events committed past the marks (all chains), as far as the writer
+    /// counted.
     waiting: u64,
     /// After a failed attempt: not before this instant.
     retry_at: Option<std::time::Instant>,
+    /// A batch being inserted.
+    pending: Option<PendingIndex>,
+}
+
+/// A batch of token index entries, sorted, that [`Writer::index_tail`]
+/// inserts a chunk at a time.
+struct PendingIndex {
+    /// (token key, chain, seq) still to insert.
+    entries: std::vec::IntoIter<(Vec<u8>, String, i64)>,
+    /// Each chain's mark once all are in.
+    marks: Vec<(String, i64)>,
+    /// Events the batch covers.
+    events: u64,
+    started: std::time::Instant,
+}
+
+impl Default for TokenIndexing {
+    fn default() -> TokenIndexing {
+        TokenIndexing {
+            batch: TOKEN_INDEX_BATCH,
+            idle: Some(TOKEN_INDEX_IDLE),
+            retry: TOKEN_INDEX_RETRY,
+            waiting: 0,
+            retry_at: None,
+            pending: None,
+        }
+    }
 }
 
 struct Writer {
@@ -1711,16 +1771,28 @@ impl Writer {
         // Blocks until a job arrives; returns when every sender is gone and
         // the queue is drained, so a shutdown commits everything accepted.
         loop {
-            let first = if self.index.waiting == 0 {
-                rx.recv().ok()
-            } else {
-                match rx.recv_timeout(TOKEN_INDEX_IDLE) {
+            let idle = self.index.idle.filter(|_| self.index.waiting > 0);
+            let first = if self.index.pending.is_some() {
+                // A batch half inserted: its next chunk unless a job waits.
+                match rx.try_recv() {
                     Ok(job) => Some(job),
-                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                    Err(mpsc::TryRecvError::Empty) => {
                         self.index_tail();
                         continue;
                     }
-                    Err(mpsc::RecvTimeoutError::Disconnected) => None,
+                    Err(mpsc::TryRecvError::Disconnected) => None,
+                }
+            } else {
+                match idle {
+                    None => rx.recv().ok(),
+                    Some(idle) => match rx.recv_timeout(idle) {
+                        Ok(job) => Some(job),
+                        Err(mpsc::RecvTimeoutError::Timeout) => {
+                            self.index_tail();
+                            continue;
+                        }
+                        Err(mpsc::RecvTimeoutError::Disconnected) => None,
+                    },
                 }
             };
             let Some(first) = first else { break };
@@ -1732,7 +1804,7 @@ impl Writer {
                 }
             }
             self.commit_group(jobs);
-            if self.index.waiting >= self.index.batch {
+            if self.index.pending.is_some() || self.index.waiting >= self.index.batch {
                 self.index_tail();
             }
             self.bound_wal();
@@ -1850,12 +1922,20 @@ impl Writer {
     }
 
     /// Adds the audit events past each chain's `audit_token_upto` mark to
-    /// `audit_token_index`, sorted by key, in one transaction, and moves the
-    /// marks to the chains' heads. Each index page is then written once
-    /// for all the batch's events on it, however many reveals of the same
-    /// token the batch holds. What it adds is derived from committed events:
-    /// a failure leaves them to the readers' scan past the mark, and is
-    /// tried again later.
+    /// `audit_token_index`, a chunk at a time, and then moves the marks to
+    /// where the chains' heads were.
+    ///
+    /// The first call reads the entries of every event waiting and sorts
+    /// them by key; each call then inserts the next [`TOKEN_INDEX_CHUNK`] of
+    /// them in a transaction of its own, between two groups, and the last
+    /// one moves the marks. Each index page is so written once for all the
+    /// batch's entries on it, however many reveals of the same token the
+    /// batch holds, and no group waits behind more than a chunk. Until the
+    /// marks move, the entries already in are also past them: readers find
+    /// such an event twice and count it once.
+    ///
+    /// What it adds is derived from committed events: a failure leaves them
+    /// to the readers' scan past the marks, and is tried again later.
     fn index_tail(&mut self) {
         if self.durability.broken.get().is_some() {
             return;
@@ -1869,28 +1949,31 @@ impl Writer {
             .committed
             .load(std::sync::atomic::Ordering::SeqCst);
         let outcome = (|| -> rusqlite::Result<()> {
-            self.conn.execute_batch("BEGIN IMMEDIATE")?;
-            let marks: Vec<(String, i64)> = self
-                .conn
-                .prepare_cached("SELECT chain, upto FROM audit_token_upto")?
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-                .collect::<rusqlite::Result<_>>()?;
-            for (chain, upto) in marks {
-                let last = self.head(&chain)?.next_seq as i64 - 1;
-                if last <= upto {
-                    continue;
+            let mut pending = match self.index.pending.take() {
+                Some(p) => p,
+                None => {
+                    let p = self.read_tail()?;
+                    self.index.waiting = 0;
+                    p
                 }
-                self.conn
-                    .prepare_cached(&format!(
-                        "INSERT OR IGNORE INTO audit_token_index (token_key, chain, seq)
-                         SELECT token_key, chain, seq FROM audit_events
-                         WHERE chain = ?1 AND seq > ?2 AND seq <= ?3 AND token_key IS NOT NULL AND {SEQ_IS_INTEGER}
-                         ORDER BY token_key, seq"
-                    ))?
-                    .execute(params![chain, upto, last])?;
-                self.conn
-                    .prepare_cached("UPDATE audit_token_upto SET upto = ?2 WHERE chain = ?1")?
-                    .execute(params![chain, last])?;
+            };
+            let chunk: Vec<_> = pending.entries.by_ref().take(TOKEN_INDEX_CHUNK).collect();
+            let last = pending.entries.len() == 0;
+            self.conn.execute_batch("BEGIN IMMEDIATE")?;
+            let mut insert = self.conn.prepare_cached(
+                "INSERT OR IGNORE INTO audit_token_index (token_key, chain, seq) VALUES (?1, ?2, ?3)",
+            )?;
+            for (key, chain, seq) in &chunk {
+                insert.execute(params![&key[..], chain, seq])?;
+            }
+            drop(insert);
+            if last {
+                let mut mark = self
+                    .conn
+                    .prepare_cached("UPDATE audit_token_upto SET upto = ?2 WHERE chain = ?1")?;
+                for (chain, upto) in &pending.marks {
+                    mark.execute(params![chain, upto])?;
+                }
             }
             self.durability
                 .begun
@@ -1899,17 +1982,26 @@ impl Writer {
             self.durability
                 .committed
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            commit
+            commit?;
+            if last {
+                tracing::debug!(
+                    events = pending.events,
+                    took = ?pending.started.elapsed(),
+                    "indexed audit events by token"
+                );
+            } else {
+                self.index.pending = Some(pending);
+            }
+            Ok(())
         })();
         match outcome {
-            Ok(()) => {
-                tracing::debug!(events = self.index.waiting, took = ?now.elapsed(), "indexed audit events by token");
-                self.index.waiting = 0;
-                self.index.retry_at = None;
-            }
+            Ok(()) => self.index.retry_at = None,
             Err(e) => {
                 let _ = self.conn.execute_batch("ROLLBACK");
-                self.index.retry_at = Some(now + TOKEN_INDEX_RETRY);
+                // Read again from the marks after the pause.
+                self.index.pending = None;
+                self.index.waiting = self.index.waiting.max(self.index.batch);
+                self.index.retry_at = Some(now + self.index.retry);
                 tracing::warn!(error = %e, "could not index audit events by token; readers scan them meanwhile, and it is tried again");
             }
         }
@@ -1923,6 +2015,45 @@ impl Writer {
             let _ = self.durability.broken.set("the sync thread stopped".into());
             self.durability.synced.send_modify(|_| {});
         }
+    }
+
+    /// The token index entries of every event past its chain's mark, sorted,
+    /// and the marks they take the chains to.
+    fn read_tail(&mut self) -> rusqlite::Result<PendingIndex> {
+        let started = std::time::Instant::now();
+        let marks: Vec<(String, i64)> = self
+            .conn
+            .prepare_cached("SELECT chain, upto FROM audit_token_upto")?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut entries = Vec::new();
+        let mut moved = Vec::new();
+        let mut events = 0;
+        for (chain, upto) in marks {
+            let last = self.head(&chain)?.next_seq as i64 - 1;
+            if last <= upto {
+                continue;
+            }
+            events += (last - upto) as u64;
+            let mut st = self.conn.prepare_cached(&format!(
+                "SELECT token_key, seq FROM audit_events
+                 WHERE chain = ?1 AND seq > ?2 AND seq <= ?3 AND token_key IS NOT NULL AND {SEQ_IS_INTEGER}"
+            ))?;
+            for row in st.query_map(params![chain, upto, last], |r| {
+                Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?))
+            })? {
+                let (key, seq) = row?;
+                entries.push((key, chain.clone(), seq));
+            }
+            moved.push((chain, last));
+        }
+        entries.sort_unstable();
+        Ok(PendingIndex {
+            entries: entries.into_iter(),
+            marks: moved,
+            events,
+            started,
+        })
     }
 
     /// Applies `jobs` in one transaction; all or none are durable.
@@ -2532,7 +2663,11 @@ mod tests {
                 token_key: Some(key),
                 ..Default::default()
             };
-            for e in store.audit_query(filter, 100).await.expect("audit_query") {
+            for e in store
+                .audit_query(filter, 100_000)
+                .await
+                .expect("audit_query")
+            {
                 by_query.push((e.chain, e.seq));
             }
         }
@@ -2542,6 +2677,22 @@ mod tests {
 
     /// Each chain's mark, and each entry as (first byte of its key, chain, seq).
     type IndexState = (Vec<(String, i64)>, Vec<(u8, String, i64)>);
+
+    /// What Verify asks of the store: the first keyed event of `chain`
+    /// that a search by its token would not find.
+    async fn unfindable(store: &SqliteStore, chain: &str) -> Option<u64> {
+        let keyed = store
+            .audit_events(chain, 1, 100_000)
+            .await
+            .expect("audit_events")
+            .into_iter()
+            .filter_map(|e| e.token_key.map(|k| (e.seq, k)))
+            .collect();
+        store
+            .audit_unfindable(chain, keyed)
+            .await
+            .expect("audit_unfindable")
+    }
 
     /// Marks and entries of the token index, read by another connection.
     fn index_of(db: &Path) -> IndexState {
@@ -2616,8 +2767,8 @@ mod tests {
         let mut both = a(&[1, 3, 4]);
         both.push(("b".into(), 2));
         assert_eq!(found(&store, k1).await, both, "indexed and past the mark");
-        assert_eq!(store.audit_unfindable("a").await.expect("check"), None);
-        assert_eq!(store.audit_unfindable("b").await.expect("check"), None);
+        assert_eq!(unfindable(&store, "a").await, None);
+        assert_eq!(unfindable(&store, "b").await, None);
         store.close();
         drop(store);
 
@@ -2646,7 +2797,7 @@ mod tests {
             a(&[1, 4])[..],
             "the index is what is searched"
         );
-        assert_eq!(store.audit_unfindable("a").await.expect("check"), Some(3));
+        assert_eq!(unfindable(&store, "a").await, Some(3));
         store
             .commit(keyed_events("b", &[Some(k1)]))
             .await
@@ -2654,14 +2805,14 @@ mod tests {
         side.execute("DELETE FROM audit_token_upto WHERE chain = 'b'", [])
             .expect("delete a mark");
         assert_eq!(
-            store.audit_unfindable("b").await.expect("check"),
+            unfindable(&store, "b").await,
             Some(4),
             "an event not indexed yet, with no mark to scan past"
         );
         side.execute("INSERT INTO audit_token_upto VALUES ('b', 1)", [])
             .expect("move a mark back");
         assert_eq!(
-            store.audit_unfindable("b").await.expect("check"),
+            unfindable(&store, "b").await,
             None,
             "events past the mark are scanned"
         );
@@ -2671,9 +2822,93 @@ mod tests {
             both[3..],
             "an event both indexed and past the mark is found once"
         );
-        side.execute("UPDATE audit_token_upto SET upto = 9 WHERE chain = 'a'", [])
+        side.execute(
+            "INSERT INTO audit_token_index VALUES (?1, 'a', 3)",
+            [&k1[..]],
+        )
+        .expect("put the entry back");
+        assert_eq!(unfindable(&store, "a").await, None);
+        // A mark moved ahead of what is indexed, or given another type.
+        store
+            .commit(keyed_events("a", &[Some(k2)]))
+            .await
+            .expect("commit");
+        assert_eq!(unfindable(&store, "a").await, None, "past the mark");
+        for mark in ["9", "'zzz'", "x'00'"] {
+            side.execute(
+                &format!("UPDATE audit_token_upto SET upto = {mark} WHERE chain = 'a'"),
+                [],
+            )
             .expect("move a mark");
-        assert_eq!(store.audit_unfindable("a").await.expect("check"), Some(3));
+            assert_eq!(unfindable(&store, "a").await, Some(6), "mark {mark}");
+        }
+        side.execute(
+            "UPDATE audit_token_upto SET upto = 5.5 WHERE chain = 'a'",
+            [],
+        )
+        .expect("move a mark");
+        assert_eq!(
+            unfindable(&store, "a").await,
+            None,
+            "a real mark is a number"
+        );
+        // Searches resume past a seq, past the mark as below it.
+        let after = |chain: &str, after_seq: u64| AuditFilter {
+            chain: chain.into(),
+            after_seq,
+            token: Some("ph_1".into()),
+            token_key: Some(k1),
+            ..Default::default()
+        };
+        let seqs = |v: Vec<StoredEvent>| v.into_iter().map(|e| e.seq).collect::<Vec<_>>();
+        assert_eq!(
+            seqs(store.audit_query(after("a", 3), 10).await.expect("query")),
+            vec![4]
+        );
+        assert_eq!(
+            seqs(store.audit_query(after("b", 3), 10).await.expect("query")),
+            vec![4]
+        );
+        store.close();
+    }
+
+    /// Indexing that fails (here a trigger refuses it) fails no commit and
+    /// hides no event; it is tried again and then moves the mark.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_indexing_hides_nothing_and_is_tried_again() {
+        let dir = tempfile::tempdir().expect("scratch directory");
+        let db = dir.path().join("vault.db");
+        let k1 = [1u8; 16];
+        let store = SqliteStore::open_indexing_every(&db, 2).expect("open");
+        let side = Connection::open(&db).expect("open a side connection");
+        side.execute_batch(
+            "CREATE TRIGGER refuse BEFORE INSERT ON audit_token_index
+             BEGIN SELECT RAISE(ABORT, 'refused'); END",
+        )
+        .expect("a trigger");
+        store
+            .commit(keyed_events("a", &[Some(k1), Some(k1)]))
+            .await
+            .expect("the commit does not depend on the index");
+        store.commit(meta_batch("after")).await.expect("commit");
+        assert_eq!(index_of(&db), (vec![("a".into(), 0)], vec![]));
+        let a = |seqs: &[u64]| {
+            seqs.iter()
+                .map(|s| ("a".to_owned(), *s))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(found(&store, k1).await, a(&[1, 2]));
+        assert_eq!(unfindable(&store, "a").await, None);
+        side.execute_batch("DROP TRIGGER refuse").expect("drop it");
+        store
+            .commit(keyed_events("a", &[Some(k1)]))
+            .await
+            .expect("commit");
+        store.commit(meta_batch("after")).await.expect("commit");
+        let (marks, entries) = index_of(&db);
+        assert_eq!(marks, vec![("a".into(), 3)]);
+        assert_eq!(entries.len(), 3);
+        assert_eq!(found(&store, k1).await, a(&[1, 2, 3]));
         store.close();
     }
 
@@ -2716,6 +2951,80 @@ mod tests {
             found(&store, [1u8; 16]).await,
             vec![("a".to_owned(), 1), ("b".to_owned(), 1)]
         );
+        store.close();
+    }
+
+    /// A batch larger than a chunk goes in over several transactions, with
+    /// the marks moved by the last: until then an event both inserted and
+    /// still past its mark is found once. (A trigger makes the third chunk
+    /// fail, which holds the batch half inserted.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_goes_in_chunk_by_chunk_and_each_event_is_found_once() {
+        let dir = tempfile::tempdir().expect("scratch directory");
+        let db = dir.path().join("vault.db");
+        let events = 3 * TOKEN_INDEX_CHUNK + 5;
+        let store = SqliteStore::open_indexing_every(&db, events as u64).expect("open");
+        // Sorted by key, seven keys in turn: the third chunk holds key 6.
+        let keys: Vec<Option<TokenId>> = (0..events).map(|i| Some([(i % 7) as u8; 16])).collect();
+        let side = Connection::open(&db).expect("open a side connection");
+        side.execute_batch(&format!(
+            "CREATE TRIGGER refuse BEFORE INSERT ON audit_token_index
+             WHEN NEW.token_key = x'{}'
+             BEGIN SELECT RAISE(ABORT, 'refused'); END",
+            "06".repeat(16)
+        ))
+        .expect("a trigger");
+        store
+            .commit(keyed_events("a", &keys))
+            .await
+            .expect("commit");
+        // The chunks go in between this and later groups; the third fails.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let entries = loop {
+            let (marks, entries) = index_of(&db);
+            assert_eq!(
+                marks,
+                vec![("a".to_owned(), 0)],
+                "the marks wait for the last chunk"
+            );
+            if entries.len() == 2 * TOKEN_INDEX_CHUNK {
+                break entries;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "two chunks never went in"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        };
+        let k3 = [3u8; 16];
+        assert!(entries.iter().any(|(k, _, _)| *k == 3), "key 3 among them");
+        let expected: Vec<(String, u64)> = (0..events)
+            .filter(|i| i % 7 == 3)
+            .map(|i| ("a".to_owned(), i as u64 + 1))
+            .collect();
+        assert_eq!(
+            found(&store, k3).await,
+            expected,
+            "indexed and past the mark: once"
+        );
+        assert_eq!(unfindable(&store, "a").await, None);
+        side.execute_batch("DROP TRIGGER refuse").expect("drop it");
+        store.commit(meta_batch("again")).await.expect("commit");
+        store.commit(meta_batch("after")).await.expect("commit");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let (marks, entries) = index_of(&db);
+            if marks == vec![("a".to_owned(), events as i64)] {
+                assert_eq!(entries.len(), events, "every entry in");
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the marks never moved"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(found(&store, k3).await, expected);
         store.close();
     }
 }
