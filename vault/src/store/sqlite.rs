@@ -192,6 +192,8 @@ DROP INDEX audit_by_token_key;
 /// Readers scan about this many events at most for a token's latest ones
 /// (more while indexing fails: it is retried every [`TOKEN_INDEX_RETRY`]).
 const TOKEN_INDEX_BATCH: u64 = 50_000;
+/// Most events of a chain one batch takes past its mark.
+const TOKEN_INDEX_PASS: i64 = 4 * TOKEN_INDEX_BATCH as i64;
 /// Index entries the writer inserts in one transaction, between two groups.
 const TOKEN_INDEX_CHUNK: usize = 2048;
 /// The writer indexes the tail once no job has come for this long.
@@ -1632,6 +1634,8 @@ struct TokenIndexing {
     idle: Option<std::time::Duration>,
     /// Pause before trying again after a failed attempt.
     retry: std::time::Duration,
+    /// Most events of a chain one batch takes past its mark.
+    pass: i64,
     /// Events committed past the marks (all chains), as far as the writer
     /// counted.
     waiting: u64,
@@ -1659,6 +1663,7 @@ impl Default for TokenIndexing {
             batch: TOKEN_INDEX_BATCH,
             idle: Some(TOKEN_INDEX_IDLE),
             retry: TOKEN_INDEX_RETRY,
+            pass: TOKEN_INDEX_PASS,
             waiting: 0,
             retry_at: None,
             pending: None,
@@ -1951,11 +1956,7 @@ impl Writer {
         let outcome = (|| -> rusqlite::Result<()> {
             let mut pending = match self.index.pending.take() {
                 Some(p) => p,
-                None => {
-                    let p = self.read_tail()?;
-                    self.index.waiting = 0;
-                    p
-                }
+                None => self.read_tail()?,
             };
             let chunk: Vec<_> = pending.entries.by_ref().take(TOKEN_INDEX_CHUNK).collect();
             let last = pending.entries.len() == 0;
@@ -2029,12 +2030,17 @@ impl Writer {
         let mut entries = Vec::new();
         let mut moved = Vec::new();
         let mut events = 0;
+        let mut left = 0;
         for (chain, upto) in marks {
-            let last = self.head(&chain)?.next_seq as i64 - 1;
+            let head = self.head(&chain)?.next_seq as i64 - 1;
+            // A long tail (a rebuilt index) goes in over several batches,
+            // so memory stays bounded.
+            let last = head.min(upto.saturating_add(self.index.pass));
             if last <= upto {
                 continue;
             }
             events += (last - upto) as u64;
+            left += (head - last) as u64;
             let mut st = self.conn.prepare_cached(&format!(
                 "SELECT token_key, seq FROM audit_events
                  WHERE chain = ?1 AND seq > ?2 AND seq <= ?3 AND token_key IS NOT NULL AND {SEQ_IS_INTEGER}"
@@ -2048,6 +2054,8 @@ impl Writer {
             moved.push((chain, last));
         }
         entries.sort_unstable();
+        // What is left waits for the next batch.
+        self.index.waiting = left;
         Ok(PendingIndex {
             entries: entries.into_iter(),
             marks: moved,
@@ -3025,6 +3033,48 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         assert_eq!(found(&store, k3).await, expected);
+        store.close();
+    }
+
+    /// A tail longer than a batch may take (a rebuilt index) goes in over
+    /// several batches, each moving the marks as far as it went.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_long_tail_goes_in_over_several_batches() {
+        let dir = tempfile::tempdir().expect("scratch directory");
+        let db = dir.path().join("vault.db");
+        let indexing = TokenIndexing {
+            batch: 2,
+            idle: None,
+            retry: std::time::Duration::ZERO,
+            pass: 3,
+            ..TokenIndexing::default()
+        };
+        let store =
+            SqliteStore::open_with(&db, Box::new(|wal| wal.sync_data()), indexing).expect("open");
+        let k1 = [1u8; 16];
+        store
+            .commit(keyed_events("a", &[Some(k1); 7]))
+            .await
+            .expect("commit");
+        // Each group lets the writer take the next batch.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let marks = loop {
+            store.commit(meta_batch("next")).await.expect("commit");
+            let (marks, _) = index_of(&db);
+            if marks[0].1 >= 6 {
+                break marks;
+            }
+            assert!(std::time::Instant::now() < deadline, "stuck at {marks:?}");
+        };
+        assert_eq!(
+            marks,
+            vec![("a".to_owned(), 6)],
+            "three at a time, one left"
+        );
+        assert_eq!(index_of(&db).1.len(), 6);
+        let all: Vec<(String, u64)> = (1..=7).map(|s| ("a".to_owned(), s)).collect();
+        assert_eq!(found(&store, k1).await, all);
+        assert_eq!(unfindable(&store, "a").await, None);
         store.close();
     }
 }
