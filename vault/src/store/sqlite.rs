@@ -189,8 +189,9 @@ DROP INDEX audit_by_token_key;
 
 /// Audit events (of all chains) past their chains' `audit_token_upto` marks
 /// at which the writer indexes them by token key ([`Writer::index_tail`]).
-/// Readers scan about this many events at most for a token's latest ones
-/// (more while indexing fails: it is retried every [`TOKEN_INDEX_RETRY`]).
+/// Readers scan about this many events for a token's latest ones, plus
+/// what comes while a batch goes in (more while indexing fails: it is
+/// retried every [`TOKEN_INDEX_RETRY`]).
 const TOKEN_INDEX_BATCH: u64 = 50_000;
 /// Most events of a chain one batch takes past its mark.
 const TOKEN_INDEX_PASS: i64 = 4 * TOKEN_INDEX_BATCH as i64;
@@ -1255,7 +1256,7 @@ const INDEXED_EVENTS: &str = "SELECT e.rowid FROM audit_token_index i
     WHERE i.token_key = ?1";
 
 /// The rowids and keys of the events with a token key past their chain's mark, which
-/// the writer has not indexed yet: about [`TOKEN_INDEX_BATCH`] at most.
+/// the writer has not indexed yet: about [`TOKEN_INDEX_BATCH`] (see there).
 const UNINDEXED_EVENTS: &str = "SELECT e.rowid, e.token_key FROM audit_token_upto u
     CROSS JOIN audit_events e ON e.chain = u.chain AND e.seq > u.upto
     WHERE e.token_key IS NOT NULL";
@@ -1935,7 +1936,9 @@ impl Writer {
     /// them in a transaction of its own, between two groups, and the last
     /// one moves the marks. Each index page is so written once for all the
     /// batch's entries on it, however many reveals of the same token the
-    /// batch holds, and no group waits behind more than a chunk. Until the
+    /// batch holds, and no group waits behind a whole batch: only behind
+    /// the first call's read and sort, or one chunk and its hand-over to the
+    /// sync thread. Until the
     /// marks move, the entries already in are also past them: readers find
     /// such an event twice and count it once.
     ///
@@ -1943,6 +1946,10 @@ impl Writer {
     /// to the readers' scan past the marks, and is tried again later.
     fn index_tail(&mut self) {
         if self.durability.broken.get().is_some() {
+            // Nothing more is written: drop the batch, or the writer would
+            // come back for its next chunk at once, for ever.
+            self.index.pending = None;
+            self.index.waiting = 0;
             return;
         }
         let now = std::time::Instant::now();
@@ -2022,7 +2029,8 @@ impl Writer {
     /// and the marks they take the chains to.
     fn read_tail(&mut self) -> rusqlite::Result<PendingIndex> {
         let started = std::time::Instant::now();
-        let marks: Vec<(String, i64)> = self
+        use rusqlite::types::Value;
+        let marks: Vec<(Value, Value)> = self
             .conn
             .prepare_cached("SELECT chain, upto FROM audit_token_upto")?
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
@@ -2032,6 +2040,15 @@ impl Writer {
         let mut events = 0;
         let mut left = 0;
         for (chain, upto) in marks {
+            // An edited mark row of another type (which Verify names when
+            // it hides events) stops no other chain's indexing; a real mark
+            // is read as searches compare it, and written back an integer.
+            let Value::Text(chain) = chain else { continue };
+            let upto = match upto {
+                Value::Integer(n) => n,
+                Value::Real(r) if r.is_finite() => r.floor() as i64,
+                _ => continue,
+            };
             let head = self.head(&chain)?.next_seq as i64 - 1;
             // A long tail (a rebuilt index) goes in over several batches,
             // so memory stays bounded.
@@ -2046,10 +2063,13 @@ impl Writer {
                  WHERE chain = ?1 AND seq > ?2 AND seq <= ?3 AND token_key IS NOT NULL AND {SEQ_IS_INTEGER}"
             ))?;
             for row in st.query_map(params![chain, upto, last], |r| {
-                Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?))
+                Ok((r.get::<_, Value>(0)?, r.get::<_, i64>(1)?))
             })? {
-                let (key, seq) = row?;
-                entries.push((key, chain.clone(), seq));
+                // A key of another type is found by no search: Verify
+                // names it as misstored.
+                if let (Value::Blob(key), seq) = row? {
+                    entries.push((key, chain.clone(), seq));
+                }
             }
             moved.push((chain, last));
         }
@@ -2860,6 +2880,33 @@ mod tests {
             None,
             "a real mark is a number"
         );
+        // Neither a real mark nor a stray mark row of another type stops the
+        // writer: the next batch takes the mark on, as an integer.
+        side.execute("INSERT INTO audit_token_upto VALUES (x'61', 0)", [])
+            .expect("a stray mark");
+        store
+            .commit(keyed_events("a", &[Some(k2), Some(k2), Some(k2)]))
+            .await
+            .expect("commit");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            store.commit(meta_batch("after")).await.expect("commit");
+            let upto: rusqlite::types::Value = side
+                .query_row(
+                    "SELECT upto FROM audit_token_upto WHERE chain = 'a'",
+                    [],
+                    |r| r.get(0),
+                )
+                .expect("the mark");
+            if upto == rusqlite::types::Value::Integer(9) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the mark stays {upto:?}"
+            );
+        }
+        assert_eq!(unfindable(&store, "a").await, None);
         // Searches resume past a seq, past the mark as below it.
         let after = |chain: &str, after_seq: u64| AuditFilter {
             chain: chain.into(),
