@@ -259,14 +259,25 @@ async fn trace_names_the_courier_whose_records_leaked() {
 
 /// Seqs of the events a query by `token` returns, all chains.
 async fn events_about(vault: &Vault, token: &str) -> Vec<u64> {
+    query_seqs(
+        vault,
+        v1::AuditQuery {
+            token: token.to_owned(),
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+/// Seqs of the events `query` returns, all chains.
+async fn query_seqs(vault: &Vault, query: v1::AuditQuery) -> Vec<u64> {
     let mut s = auditor(vault)
         .await
         .query(authed(
             &vault.key("auditor"),
             v1::AuditQuery {
-                token: token.to_owned(),
                 chain: "*".into(),
-                ..Default::default()
+                ..query
             },
         ))
         .await
@@ -586,25 +597,13 @@ async fn an_edit_that_hides_a_reveal_from_searches_is_named_by_verify() {
             .into_inner()
     };
     assert!(verify().await.ok);
-    let mut grpc = auditor(&vault).await;
-    let mut reveals_of = async |token: &str| -> Vec<u64> {
-        let mut s = grpc
-            .query(authed(
-                &key,
-                v1::AuditQuery {
-                    token: token.into(),
-                    action: "reveal".into(),
-                    ..Default::default()
-                },
-            ))
-            .await
-            .unwrap()
-            .into_inner();
-        let mut seqs = Vec::new();
-        while let Some(e) = s.message().await.unwrap() {
-            seqs.push(e.seq);
-        }
-        seqs
+    let reveals_of = async |token: &str| -> Vec<u64> {
+        let query = v1::AuditQuery {
+            token: token.into(),
+            action: "reveal".into(),
+            ..Default::default()
+        };
+        query_seqs(&vault, query).await
     };
     assert_eq!(reveals_of(phone.as_str()).await, vec![seq as u64]);
 

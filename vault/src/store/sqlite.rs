@@ -2670,6 +2670,11 @@ mod tests {
         }
     }
 
+    /// (chain "a", seq) for each of `seqs`.
+    fn a(seqs: &[u64]) -> Vec<(String, u64)> {
+        seqs.iter().map(|s| ("a".to_owned(), *s)).collect()
+    }
+
     /// (chain, seq) of every event a search by `key` finds, both ways.
     async fn found(store: &SqliteStore, key: TokenId) -> Vec<(String, u64)> {
         let lookup = crate::store::TokenLookup {
@@ -2762,11 +2767,6 @@ mod tests {
         // Three waiting, fewer than the batch: nothing indexed yet.
         store.commit(meta_batch("after")).await.expect("commit");
         assert_eq!(index_of(&db), (vec![("a".into(), 0)], vec![]));
-        let a = |seqs: &[u64]| {
-            seqs.iter()
-                .map(|s| ("a".to_owned(), *s))
-                .collect::<Vec<_>>()
-        };
         assert_eq!(found(&store, k1).await, a(&[1, 3]), "past the mark");
         store
             .commit(keyed_events("a", &[Some(k1), None]))
@@ -2947,11 +2947,6 @@ mod tests {
             .expect("the commit does not depend on the index");
         store.commit(meta_batch("after")).await.expect("commit");
         assert_eq!(index_of(&db), (vec![("a".into(), 0)], vec![]));
-        let a = |seqs: &[u64]| {
-            seqs.iter()
-                .map(|s| ("a".to_owned(), *s))
-                .collect::<Vec<_>>()
-        };
         assert_eq!(found(&store, k1).await, a(&[1, 2]));
         assert_eq!(unfindable(&store, "a").await, None);
         side.execute_batch("DROP TRIGGER refuse").expect("drop it");
