@@ -210,7 +210,10 @@ const MAX_GROUP: usize = 1024;
 const MAX_READERS: usize = 8;
 
 struct Job {
-    batch: WriteBatch,
+    /// Boxed: the channel allocates its slots 31 at a time, and with the
+    /// batch inline (about 550 bytes) each block was a zeroed 17 KiB
+    /// allocation, 1.3 % of the vault's CPU under unary calls.
+    batch: Box<WriteBatch>,
     reply: oneshot::Sender<Result<Committed, StoreError>>,
 }
 
@@ -743,7 +746,10 @@ impl Store for SqliteStore {
             .and_then(|w| w.clone())
             .ok_or_else(|| StoreError::Unavailable("the store is shutting down".into()))?;
         sender
-            .send(Job { batch, reply })
+            .send(Job {
+                batch: Box::new(batch),
+                reply,
+            })
             .map_err(|_| StoreError::Unavailable("the writer has stopped".into()))?;
         rx.await
             .map_err(|_| StoreError::Unavailable("the writer stopped before committing".into()))?
