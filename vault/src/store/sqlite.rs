@@ -1684,11 +1684,28 @@ impl Syncer {
     }
 }
 
+/// The connection a batch's read uses: the database must be there (no
+/// file is created), and each page is read once (no large cache).
+fn tail_conn(db: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        db,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)?;
+    conn.pragma_update(None, "cache_size", -2_048)?;
+    Ok(conn)
+}
+
 /// The token index entries of every event past its chain's mark (at most
 /// `pass` events of a chain), sorted, the marks they take the chains to,
 /// and how many events are left past those. One read transaction: the
 /// marks, the chains' heads and the entries are of one snapshot.
-fn read_tail(conn: &mut Connection, pass: i64) -> rusqlite::Result<(PendingIndex, u64)> {
+fn read_tail(
+    conn: &mut Connection,
+    pass: i64,
+    after_snapshot: Option<&(dyn Fn() + Send + Sync)>,
+) -> rusqlite::Result<(PendingIndex, u64)> {
     use rusqlite::types::Value;
     let started = std::time::Instant::now();
     let tx = conn.transaction()?;
@@ -1741,6 +1758,9 @@ fn read_tail(conn: &mut Connection, pass: i64) -> rusqlite::Result<(PendingIndex
         moved.push((chain, last));
     }
     drop((head, keyed));
+    if let Some(hook) = after_snapshot {
+        hook();
+    }
     tx.commit()?;
     entries.sort_unstable();
     Ok((
@@ -1785,6 +1805,9 @@ struct TokenIndexing {
     reading: Option<TailRead>,
     /// Wait for each read to finish (tests: indexing at known points).
     wait_for_reads: bool,
+    /// Called by a batch's read once it holds its snapshot (tests: commits
+    /// during a read).
+    after_snapshot: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 /// The read of a batch ([`read_tail`]) on its own thread and connection,
@@ -1833,6 +1856,7 @@ impl Default for TokenIndexing {
             pending: None,
             reading: None,
             wait_for_reads: false,
+            after_snapshot: None,
         }
     }
 }
@@ -1903,6 +1927,11 @@ impl Writer {
     fn bound_wal(&mut self) {
         // After a failed sync nothing more is copied from the WAL.
         if self.durability.broken.get().is_some() {
+            return;
+        }
+        // A batch's read holds a snapshot: the restart would wait for it,
+        // and every group behind the restart. Once it is done, then.
+        if self.index.reading.is_some() {
             return;
         }
         let now = std::time::Instant::now();
@@ -2151,6 +2180,10 @@ impl Writer {
             };
             let chunk: Vec<_> = pending.entries.by_ref().take(TOKEN_INDEX_CHUNK).collect();
             let last = pending.entries.len() == 0;
+            if chunk.is_empty() && pending.marks.is_empty() {
+                // No chain had anything past its mark: nothing to write.
+                return Ok(());
+            }
             self.conn.execute_batch("BEGIN IMMEDIATE")?;
             let mut insert = self.conn.prepare_cached(
                 "INSERT OR IGNORE INTO audit_token_index (token_key, chain, seq) VALUES (?1, ?2, ?3)",
@@ -2247,14 +2280,12 @@ impl Writer {
         let (tx, done) = mpsc::sync_channel(1);
         let db = self.db.clone();
         let pass = self.index.pass;
+        let hook = self.index.after_snapshot.clone();
         let thread = std::thread::Builder::new()
             .name("ordervault-index".into())
             .spawn(move || {
-                let result = open_conn(&db).and_then(|mut conn| {
-                    // It reads each page once: no large cache.
-                    conn.pragma_update(None, "cache_size", -2_048)?;
-                    read_tail(&mut conn, pass)
-                });
+                let result =
+                    tail_conn(&db).and_then(|mut conn| read_tail(&mut conn, pass, hook.as_deref()));
                 let _ = tx.send(result);
             })?;
         Ok(TailRead {
@@ -3007,6 +3038,87 @@ mod tests {
         );
         assert_eq!(found(&store, k1).await, a(&of_k1));
         assert_eq!(unfindable(&store, "a").await, None);
+        store.close();
+    }
+
+    /// Events committed while a batch is read (held here after it took its
+    /// snapshot) are not in it: the mark stops at the snapshot's head, so
+    /// they stay past it, found by the scan, and go into the next batch.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn events_committed_during_a_read_stay_past_the_mark() {
+        let dir = tempfile::tempdir().expect("scratch directory");
+        let db = dir.path().join("vault.db");
+        let (k1, k2) = ([1u8; 16], [2u8; 16]);
+        let (entered_tx, entered_rx) = mpsc::channel::<()>();
+        let (release_tx, release_rx) = mpsc::channel::<()>();
+        let (entered_tx, release_rx) = (Mutex::new(entered_tx), Mutex::new(release_rx));
+        let indexing = TokenIndexing {
+            batch: 4,
+            idle: None,
+            retry: std::time::Duration::ZERO,
+            after_snapshot: Some(Arc::new(move || {
+                let _ = entered_tx.lock().expect("lock").send(());
+                // Held until released; reads after the release go on.
+                let _ = release_rx.lock().expect("lock").recv();
+            })),
+            ..TokenIndexing::default()
+        };
+        let store =
+            SqliteStore::open_with(&db, Box::new(|wal| wal.sync_data()), indexing).expect("open");
+        store
+            .commit(keyed_events("a", &[Some(k1), Some(k2), Some(k1), Some(k2)]))
+            .await
+            .expect("commit");
+        entered_rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the batch is being read");
+        // The writer commits while the read holds its snapshot.
+        store
+            .commit(keyed_events("a", &[Some(k1), Some(k1)]))
+            .await
+            .expect("commit during the read");
+        assert_eq!(found(&store, k1).await, a(&[1, 3, 5, 6]));
+        drop(release_tx);
+        let caught_up = |want: i64| {
+            let db = db.clone();
+            async move {
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+                loop {
+                    let (marks, entries) = index_of(&db);
+                    if marks == vec![("a".to_owned(), want)] && entries.len() as i64 == want {
+                        return entries.iter().map(|(_, _, seq)| *seq).collect::<Vec<_>>();
+                    }
+                    assert!(std::time::Instant::now() < deadline, "mark {marks:?}");
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
+            }
+        };
+        store.commit(meta_batch("poke")).await.expect("commit");
+        assert_eq!(
+            caught_up(4).await,
+            vec![1, 2, 3, 4],
+            "the snapshot's events"
+        );
+        store.commit(meta_batch("poke")).await.expect("commit");
+        let (marks, _) = index_of(&db);
+        assert_eq!(marks, vec![("a".to_owned(), 4)], "not the head's 6");
+        assert_eq!(
+            found(&store, k1).await,
+            a(&[1, 3, 5, 6]),
+            "5 and 6 past the mark"
+        );
+        assert_eq!(unfindable(&store, "a").await, None);
+        store
+            .commit(keyed_events("a", &[Some(k2), Some(k1)]))
+            .await
+            .expect("commit");
+        store.commit(meta_batch("poke")).await.expect("commit");
+        assert_eq!(
+            caught_up(8).await,
+            (1..=8).collect::<Vec<_>>(),
+            "the next batch"
+        );
+        assert_eq!(found(&store, k1).await, a(&[1, 3, 5, 6, 8]));
         store.close();
     }
 
