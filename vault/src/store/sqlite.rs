@@ -1587,7 +1587,6 @@ impl FileFacts {
         }
     }
 
-    #[cfg_attr(target_os = "linux", allow(dead_code))]
     fn from_metadata(m: &std::fs::Metadata) -> FileFacts {
         #[cfg(unix)]
         let id = {
@@ -2247,14 +2246,7 @@ impl Writer {
     fn read_done(&mut self) -> Result<Option<PendingIndex>, Box<dyn std::error::Error>> {
         let read = match self.index.reading.take() {
             Some(read) => read,
-            None => {
-                let read = self.start_read()?;
-                if !self.index.wait_for_reads {
-                    self.index.reading = Some(read);
-                    return Ok(None);
-                }
-                read
-            }
+            None => self.start_read()?,
         };
         let result = if self.index.wait_for_reads {
             read.done.recv().ok()
@@ -2987,6 +2979,51 @@ mod tests {
         (marks, entries)
     }
 
+    /// A store that reads each batch beside the writer, as served, once 4
+    /// events wait; `after_snapshot` as in [`TokenIndexing`].
+    fn open_reading_beside(
+        db: &Path,
+        after_snapshot: Option<Arc<dyn Fn() + Send + Sync>>,
+    ) -> SqliteStore {
+        let indexing = TokenIndexing {
+            batch: 4,
+            idle: None,
+            retry: std::time::Duration::ZERO,
+            after_snapshot,
+            ..TokenIndexing::default()
+        };
+        assert!(!indexing.wait_for_reads);
+        SqliteStore::open_with(db, Box::new(|wal| wal.sync_data()), indexing).expect("open")
+    }
+
+    /// Waits until chain a's mark is one `done` accepts with every event up
+    /// to it indexed, committing between looks (each commit lets the writer
+    /// take a finished read); the mark and the indexed seqs.
+    async fn caught_up(
+        store: &SqliteStore,
+        db: &Path,
+        done: impl Fn(i64) -> bool,
+    ) -> (i64, Vec<i64>) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let (marks, entries) = index_of(db);
+            if let [(chain, mark)] = &marks[..]
+                && chain == "a"
+                && done(*mark)
+                && entries.len() as i64 == *mark
+            {
+                return (*mark, entries.iter().map(|(_, _, seq)| *seq).collect());
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the index did not catch up: marks {marks:?}, {} entries",
+                entries.len()
+            );
+            store.commit(meta_batch("poke")).await.expect("commit");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
     /// As served: each batch is read on a thread of its own while the writer
     /// goes on committing. Searches find every event once all along, and
     /// the index catches up to within a batch of the head.
@@ -2995,15 +3032,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("scratch directory");
         let db = dir.path().join("vault.db");
         let (k1, k2) = ([1u8; 16], [2u8; 16]);
-        let indexing = TokenIndexing {
-            batch: 4,
-            idle: None,
-            retry: std::time::Duration::ZERO,
-            ..TokenIndexing::default()
-        };
-        assert!(!indexing.wait_for_reads);
-        let store =
-            SqliteStore::open_with(&db, Box::new(|wal| wal.sync_data()), indexing).expect("open");
+        let store = open_reading_beside(&db, None);
         let mut of_k1 = Vec::new();
         for i in 0..50u64 {
             store
@@ -3013,29 +3042,8 @@ mod tests {
             of_k1.push(2 * i + 1);
             assert_eq!(found(&store, k1).await, a(&of_k1), "after commit {i}");
         }
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        let (marks, entries) = loop {
-            let (marks, entries) = index_of(&db);
-            let mark = marks.first().map_or(0, |(_, upto)| *upto);
-            if mark >= 100 - 3 && entries.len() as i64 == mark {
-                break (marks, entries);
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the index did not catch up: mark {mark}, {} entries",
-                entries.len()
-            );
-            // Each commit lets the writer look whether the read is done.
-            store.commit(meta_batch("poke")).await.expect("commit");
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        };
-        assert_eq!(marks.len(), 1);
-        let seqs: Vec<i64> = entries.iter().map(|(_, _, seq)| *seq).collect();
-        assert_eq!(
-            seqs,
-            (1..=marks[0].1).collect::<Vec<_>>(),
-            "each event once"
-        );
+        let (mark, seqs) = caught_up(&store, &db, |mark| mark >= 100 - 3).await;
+        assert_eq!(seqs, (1..=mark).collect::<Vec<_>>(), "each event once");
         assert_eq!(found(&store, k1).await, a(&of_k1));
         assert_eq!(unfindable(&store, "a").await, None);
         store.close();
@@ -3052,19 +3060,14 @@ mod tests {
         let (entered_tx, entered_rx) = mpsc::channel::<()>();
         let (release_tx, release_rx) = mpsc::channel::<()>();
         let (entered_tx, release_rx) = (Mutex::new(entered_tx), Mutex::new(release_rx));
-        let indexing = TokenIndexing {
-            batch: 4,
-            idle: None,
-            retry: std::time::Duration::ZERO,
-            after_snapshot: Some(Arc::new(move || {
+        let store = open_reading_beside(
+            &db,
+            Some(Arc::new(move || {
                 let _ = entered_tx.lock().expect("lock").send(());
                 // Held until released; reads after the release go on.
                 let _ = release_rx.lock().expect("lock").recv();
             })),
-            ..TokenIndexing::default()
-        };
-        let store =
-            SqliteStore::open_with(&db, Box::new(|wal| wal.sync_data()), indexing).expect("open");
+        );
         store
             .commit(keyed_events("a", &[Some(k1), Some(k2), Some(k1), Some(k2)]))
             .await
@@ -3079,23 +3082,8 @@ mod tests {
             .expect("commit during the read");
         assert_eq!(found(&store, k1).await, a(&[1, 3, 5, 6]));
         drop(release_tx);
-        let caught_up = |want: i64| {
-            let db = db.clone();
-            async move {
-                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-                loop {
-                    let (marks, entries) = index_of(&db);
-                    if marks == vec![("a".to_owned(), want)] && entries.len() as i64 == want {
-                        return entries.iter().map(|(_, _, seq)| *seq).collect::<Vec<_>>();
-                    }
-                    assert!(std::time::Instant::now() < deadline, "mark {marks:?}");
-                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-                }
-            }
-        };
-        store.commit(meta_batch("poke")).await.expect("commit");
         assert_eq!(
-            caught_up(4).await,
+            caught_up(&store, &db, |mark| mark == 4).await.1,
             vec![1, 2, 3, 4],
             "the snapshot's events"
         );
@@ -3112,9 +3100,8 @@ mod tests {
             .commit(keyed_events("a", &[Some(k2), Some(k1)]))
             .await
             .expect("commit");
-        store.commit(meta_batch("poke")).await.expect("commit");
         assert_eq!(
-            caught_up(8).await,
+            caught_up(&store, &db, |mark| mark == 8).await.1,
             (1..=8).collect::<Vec<_>>(),
             "the next batch"
         );
