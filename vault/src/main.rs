@@ -9,9 +9,9 @@ use tracing_subscriber::EnvFilter;
 /// keeps what is freed in each, so a vault serving batched reveals on its
 /// async threads, up to 16 blocking-pool threads running store reads, the
 /// writer and the sync thread peaked at 441 MiB, though (counted by
-/// jemalloc in the same run) only 8-13 MiB of it was in use. jemalloc (a few
-/// arenas per core), giving freed pages back after about a second
-/// (`.cargo/config.toml`), peaked at 149-163 MiB in A/B runs, at the same
+/// jemalloc in the same run) only 8-13 MiB of it was in use. jemalloc, giving
+/// freed pages back after about a second from one arena per CPU
+/// (`.cargo/config.toml`), peaked at 141-150 MiB in A/B runs, at the same
 /// throughput. SQLite allocates its page caches from the system
 /// allocator all the same.
 #[cfg(not(target_env = "msvc"))]
