@@ -474,7 +474,7 @@ fn init_creates_an_owner_only_vault_once() {
 
 /// `ordervault bench` in a short mode, so it cannot rot. Its figures are
 /// not asserted (they belong in docs/benchmarks.md), only that it runs
-/// every case against a real vault and reports each.
+/// every case against a real vault, in two rounds, and reports each.
 #[test]
 fn bench_runs_in_short_mode() {
     let out = Command::new(BIN)
@@ -488,6 +488,8 @@ fn bench_runs_in_short_mode() {
             "1,4",
             "--preload",
             "3000",
+            "--rounds",
+            "2",
             "--json",
         ])
         .output()
@@ -495,6 +497,20 @@ fn bench_runs_in_short_mode() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // Six cases at two concurrency levels, in each of two rounds, and the
+    // median of each pair.
+    let rows = |v: &serde_json::Value| v.as_array().map_or(0, Vec::len);
+    assert_eq!(report["rounds"], 2);
+    assert_eq!(rows(&report["results"]), 12, "{report}");
+    let rounds = report["each_round"]
+        .as_array()
+        .expect("every round is kept");
+    assert_eq!(rounds.len(), 2);
+    assert!(rounds.iter().all(|r| rows(r) == 12), "{report}");
+    assert!(
+        stderr.contains("round 2/2: reveal_100 at concurrency 4"),
+        "the progress line names the round: {stderr}"
+    );
     let text = report.to_string();
     for case in [
         "ping",

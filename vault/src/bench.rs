@@ -125,6 +125,13 @@ pub struct BenchArgs {
     /// the SDK typically holds one).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub connections: u32,
+    /// Times to run the whole list, one round after another on the same
+    /// vault. With more than one, each row is the round with the median
+    /// calls/s, and its ratio to ping the median of each round's own ratio:
+    /// on a shared machine a ping measured minutes before a case can be a
+    /// third off.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub rounds: u32,
     /// Instead of the token cases: fill the audit log with this many events
     /// (reveals of 10,000 orders) and measure what auditors do with it: the
     /// first page of a query by principal over a day, a full online
@@ -369,25 +376,39 @@ async fn bench(args: &BenchArgs, server: &Server, progress: &Progress) -> Result
             .pool = pool;
     }
 
-    let total = args.cases.len() * args.concurrency.len();
-    let mut results = Vec::with_capacity(total);
-    for &case in &args.cases {
-        for &c in &args.concurrency {
-            let step = format!(
-                "[{}/{total}] {} at concurrency {c}",
-                results.len() + 1,
-                case.as_str()
-            );
-            let load = Load {
-                clients: &clients,
-                ctx: &ctx,
-                server_pids: &server.pids,
-            };
-            let m = measure(case, c, args, &load, &step, progress).await?;
-            results.push(m);
+    let rounds = args.rounds as usize;
+    let per_round = args.cases.len() * args.concurrency.len();
+    let total = per_round * rounds;
+    let mut each_round = Vec::with_capacity(rounds);
+    for round in 1..=rounds {
+        let mut results = Vec::with_capacity(per_round);
+        for &case in &args.cases {
+            for &c in &args.concurrency {
+                let n = (round - 1) * per_round + results.len() + 1;
+                let of_round = if rounds > 1 {
+                    format!("round {round}/{rounds}: ")
+                } else {
+                    String::new()
+                };
+                let step = format!(
+                    "[{n}/{total}] {of_round}{} at concurrency {c}",
+                    case.as_str()
+                );
+                let load = Load {
+                    clients: &clients,
+                    ctx: &ctx,
+                    server_pids: &server.pids,
+                };
+                results.push(measure(case, c, args, &load, &step, progress).await?);
+            }
         }
+        compare_with_ping(&mut results);
+        each_round.push(results);
     }
-    compare_with_ping(&mut results);
+    let results = median_of_rounds(&each_round);
+    if rounds == 1 {
+        each_round.clear();
+    }
     Ok(Report {
         version: env!("CARGO_PKG_VERSION"),
         store: args.store.as_str(),
@@ -399,7 +420,9 @@ async fn bench(args: &BenchArgs, server: &Server, progress: &Progress) -> Result
         client: "generated tonic client (ordervault-proto)",
         clock_ticks_per_second: CLOCK_TICKS_PER_SECOND,
         preload,
+        rounds: args.rounds,
         results,
+        each_round,
     })
 }
 
@@ -1287,6 +1310,33 @@ fn percentile(sorted: &[u32], q: f64) -> Option<u32> {
     Some(sorted[rank.clamp(1, sorted.len()) - 1])
 }
 
+/// One row per case and concurrency level from several rounds of the same
+/// list: the round with the median calls/s (the lower middle one of an
+/// even count), with the median of every round's ratio to its own ping
+/// instead of that round's, and the highest peak RSS of any round.
+fn median_of_rounds(rounds: &[Vec<Measurement>]) -> Vec<Measurement> {
+    let lower_middle = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len().saturating_sub(1) / 2).copied()
+    };
+    let Some(first) = rounds.first() else {
+        return Vec::new();
+    };
+    (0..first.len())
+        .map(|i| {
+            let mut same: Vec<&Measurement> = rounds.iter().filter_map(|r| r.get(i)).collect();
+            same.sort_by(|a, b| a.calls_per_s.total_cmp(&b.calls_per_s));
+            let mut m = same[(same.len() - 1) / 2].clone();
+            m.vs_ping = lower_middle(same.iter().filter_map(|m| m.vs_ping).collect());
+            m.server_peak_rss_mib = same
+                .iter()
+                .filter_map(|m| m.server_peak_rss_mib)
+                .reduce(f64::max);
+            m
+        })
+        .collect()
+}
+
 /// Fills each measurement's ratio to ping at the same concurrency.
 fn compare_with_ping(results: &mut [Measurement]) {
     let baseline: Vec<(u32, f64)> = results
@@ -1320,7 +1370,14 @@ struct Report {
     /// Assumed, not read: see [`CLOCK_TICKS_PER_SECOND`].
     clock_ticks_per_second: f64,
     preload: Option<PreloadReport>,
+    /// Rounds of the whole list ([`BenchArgs::rounds`]).
+    rounds: u32,
+    /// One per case and concurrency level: with several rounds, the median
+    /// ([`median_of_rounds`]).
     results: Vec<Measurement>,
+    /// With several rounds, every round's own measurements.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    each_round: Vec<Vec<Measurement>>,
 }
 
 fn render_text(report: &Report) -> String {
@@ -1351,6 +1408,13 @@ fn render_text(report: &Report) -> String {
             out,
             "preload: {} tokens in {:.1} s = {:.0} tokens/s ({} calls of {} fields, {} in flight)",
             p.tokens, p.seconds, p.tokens_per_s, p.calls, p.fields_per_call, p.in_flight
+        );
+    }
+    if report.rounds > 1 {
+        let _ = writeln!(
+            out,
+            "median of {} rounds: each row is the round with the median calls/s; vs ping is the median of each round's own ratio, peak RSS the highest of any round",
+            report.rounds
         );
     }
     out.push('\n');
@@ -1503,6 +1567,7 @@ mod tests {
             ]
         );
         assert_eq!(a.connections, 1);
+        assert_eq!(a.rounds, 1);
         assert!(!a.json);
     }
 
@@ -1519,6 +1584,8 @@ mod tests {
             "200000",
             "--cases",
             "ping,reveal_100",
+            "--rounds",
+            "3",
             "--json",
         ])
         .expect("every flag is valid");
@@ -1527,6 +1594,7 @@ mod tests {
         assert_eq!(a.warmup, Duration::ZERO);
         assert_eq!(a.preload, 200_000);
         assert_eq!(a.cases, [Case::Ping, Case::Reveal100]);
+        assert_eq!(a.rounds, 3);
         assert!(a.json);
     }
 
@@ -1766,6 +1834,43 @@ reveal = { name = \"masked\", phone = \"plain\" }
         compare_with_ping(&mut r);
         let ratios: Vec<Option<f64>> = r.iter().map(|m| m.vs_ping).collect();
         assert_eq!(ratios, [Some(1.0), Some(1.0), Some(0.25), Some(0.5), None]);
+    }
+
+    #[test]
+    fn rounds_give_the_median_round_and_the_median_ratio() {
+        let round = |ping: f64, tokenize: f64, rss: f64| {
+            let mut r = vec![m(Case::Ping, 16, ping), m(Case::Tokenize, 16, tokenize)];
+            r[1].server_peak_rss_mib = Some(rss);
+            r[1].p99_ms = Some(tokenize / 100.0);
+            compare_with_ping(&mut r);
+            r
+        };
+        // Tokenize's own ratios: 0.5, 0.5, 0.45; its median round is the
+        // third (900 calls/s), whose ratio alone would be 0.45.
+        let rounds = [
+            round(1000.0, 500.0, 60.0),
+            round(4000.0, 2000.0, 90.0),
+            round(2000.0, 900.0, 70.0),
+        ];
+        let r = median_of_rounds(&rounds);
+        assert_eq!(r.len(), 2);
+        assert_eq!((r[0].case, r[0].calls_per_s), ("ping", 2000.0));
+        assert_eq!(r[0].vs_ping, Some(1.0));
+        assert_eq!((r[1].case, r[1].calls_per_s), ("tokenize", 900.0));
+        assert_eq!(
+            r[1].p99_ms,
+            Some(9.0),
+            "every figure of a row comes from one round"
+        );
+        assert_eq!(r[1].vs_ping, Some(0.5));
+        assert_eq!(r[1].server_peak_rss_mib, Some(90.0));
+        // An even count takes the lower middle round.
+        let two = median_of_rounds(&rounds[..2]);
+        assert_eq!(two[1].calls_per_s, 500.0);
+        assert_eq!(two[1].vs_ping, Some(0.5));
+        // One round is itself.
+        assert_eq!(median_of_rounds(&rounds[..1]), rounds[0]);
+        assert!(median_of_rounds(&[]).is_empty());
     }
 
     #[test]
