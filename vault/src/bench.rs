@@ -1315,10 +1315,7 @@ fn percentile(sorted: &[u32], q: f64) -> Option<u32> {
 /// even count), with the median of every round's ratio to its own ping
 /// instead of that round's, and the highest peak RSS of any round.
 fn median_of_rounds(rounds: &[Vec<Measurement>]) -> Vec<Measurement> {
-    let lower_middle = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v.get(v.len().saturating_sub(1) / 2).copied()
-    };
+    let middle = |n: usize| n.saturating_sub(1) / 2;
     let Some(first) = rounds.first() else {
         return Vec::new();
     };
@@ -1326,8 +1323,10 @@ fn median_of_rounds(rounds: &[Vec<Measurement>]) -> Vec<Measurement> {
         .map(|i| {
             let mut same: Vec<&Measurement> = rounds.iter().filter_map(|r| r.get(i)).collect();
             same.sort_by(|a, b| a.calls_per_s.total_cmp(&b.calls_per_s));
-            let mut m = same[(same.len() - 1) / 2].clone();
-            m.vs_ping = lower_middle(same.iter().filter_map(|m| m.vs_ping).collect());
+            let mut m = same[middle(same.len())].clone();
+            let mut ratios: Vec<f64> = same.iter().filter_map(|m| m.vs_ping).collect();
+            ratios.sort_by(f64::total_cmp);
+            m.vs_ping = ratios.get(middle(ratios.len())).copied();
             m.server_peak_rss_mib = same
                 .iter()
                 .filter_map(|m| m.server_peak_rss_mib)
