@@ -497,19 +497,23 @@ fn bench_runs_in_short_mode() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    // Six cases at two concurrency levels, in each of two rounds, and the
+    // Seven cases at two concurrency levels, in each of two rounds, and the
     // median of each pair.
     let rows = |v: &serde_json::Value| v.as_array().map_or(0, Vec::len);
     assert_eq!(report["rounds"], 2);
-    assert_eq!(rows(&report["results"]), 12, "{report}");
+    assert_eq!(rows(&report["results"]), 14, "{report}");
     let rounds = report["each_round"]
         .as_array()
         .expect("every round is kept");
     assert_eq!(rounds.len(), 2);
-    assert!(rounds.iter().all(|r| rows(r) == 12), "{report}");
+    assert!(rounds.iter().all(|r| rows(r) == 14), "{report}");
     assert!(
-        stderr.contains("round 2/2: reveal_100 at concurrency 4"),
+        stderr.contains("round 2/2: reveal_granted at concurrency 4"),
         "the progress line names the round: {stderr}"
+    );
+    assert!(
+        stderr.contains("granting them to support for reveal_granted"),
+        "the grant set-up is announced: {stderr}"
     );
     let text = report.to_string();
     for case in [
@@ -519,6 +523,7 @@ fn bench_runs_in_short_mode() {
         "tokenize_100",
         "reveal",
         "reveal_100",
+        "reveal_granted",
     ] {
         assert!(
             text.contains(&format!("\"{case}\"")),
@@ -664,7 +669,7 @@ fn bench_runs_on_two_postgres_nodes_in_short_mode() {
             "--concurrency",
             "4",
             "--cases",
-            "ping,tokenize,reveal_100",
+            "ping,tokenize,reveal_100,reveal_granted",
             "--json",
         ])
         .env("ORDERVAULT_STORAGE_URL", url.expose_secret())
@@ -676,6 +681,8 @@ fn bench_runs_on_two_postgres_nodes_in_short_mode() {
     assert_eq!(report["store"], "postgres");
     assert_eq!(report["nodes"], 2);
     let results = report["results"].as_array().unwrap();
-    assert_eq!(results.len(), 3);
+    // reveal_granted runs only once both nodes enforce support's grants,
+    // published through the shared database.
+    assert_eq!(results.len(), 4);
     assert!(results.iter().all(|r| r["calls"].as_u64().unwrap() > 0));
 }

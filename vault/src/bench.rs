@@ -23,13 +23,18 @@
 //! | `tokenize_100` | `Tokenize` of 100 phone numbers |
 //! | `reveal` | `Reveal` of one phone or address token, as the courier, for `delivery` |
 //! | `reveal_100` | `Reveal` of 100 such tokens |
+//! | `reveal_granted` | `Reveal` of one order's phone token, as support, for `customer_support`, under a grant for that order |
 //!
 //! A first `serve --dev` initialises the data directory and prints the demo
 //! principals' API keys; the vault measured is a second `serve` on that
 //! directory, after its `policy.toml` has lost its rate limits, daily caps
 //! and grant requirements (`relax_policy`), so the numbers are
 //! the vault's capacity, not how fast its abuse guards refuse a courier that
-//! reveals thousands of fields a second.
+//! reveals thousands of fields a second. The one grant requirement kept is
+//! support's, for `reveal_granted`: before that case runs, the shop
+//! tokenizes [`GRANTED_ORDERS`] orders and grants each one to support, and
+//! the bench checks that support is refused an order it was not granted, so
+//! the case measures the grant check rather than a policy without one.
 //!
 //! Phone numbers, addresses, order numbers and e-mails come from one
 //! counter and never repeat within a run, so deterministic kinds find no
@@ -76,6 +81,15 @@ const TICK: Duration = Duration::from_millis(250);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The purpose the courier states in the reveal cases.
 const PURPOSE: &str = "delivery";
+/// The role (and demo principal) of `reveal_granted`: the one whose grant
+/// requirement the bench's policy keeps.
+const GRANTED_ROLE: &str = "support";
+/// The purpose support states, and its grants name.
+const GRANTED_PURPOSE: &str = "customer_support";
+/// Orders tokenized and granted to support before `reveal_granted` runs.
+const GRANTED_ORDERS: usize = 1_000;
+/// How long those grants last: longer than any run.
+const GRANT_TTL_SECONDS: u32 = 86_400;
 
 /// `bench` options.
 #[derive(Debug, clap::Args)]
@@ -118,7 +132,7 @@ pub struct BenchArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "ping,tokenize,tokenize_order,tokenize_100,reveal,reveal_100"
+        default_value = "ping,tokenize,tokenize_order,tokenize_100,reveal,reveal_100,reveal_granted"
     )]
     pub cases: Vec<Case>,
     /// HTTP/2 connections the workers share, round robin (a service using
@@ -181,6 +195,9 @@ pub enum Case {
     /// Reveal of 100 tokens.
     #[value(name = "reveal_100")]
     Reveal100,
+    /// Reveal of one order's phone token under a grant for that order.
+    #[value(name = "reveal_granted")]
+    RevealGranted,
 }
 
 impl Case {
@@ -192,6 +209,7 @@ impl Case {
             Case::Tokenize100 => "tokenize_100",
             Case::Reveal => "reveal",
             Case::Reveal100 => "reveal_100",
+            Case::RevealGranted => "reveal_granted",
         }
     }
 
@@ -199,7 +217,7 @@ impl Case {
     fn fields_per_call(self) -> u64 {
         match self {
             Case::Ping => 0,
-            Case::Tokenize | Case::Reveal => 1,
+            Case::Tokenize | Case::Reveal | Case::RevealGranted => 1,
             Case::TokenizeOrder => ORDER_FIELDS,
             Case::Tokenize100 | Case::Reveal100 => BATCH as u64,
         }
@@ -351,8 +369,10 @@ async fn bench(args: &BenchArgs, server: &Server, progress: &Progress) -> Result
     let mut ctx = Arc::new(Ctx {
         shop: server.shop.clone(),
         courier: server.courier.clone(),
+        support: server.support.clone(),
         next_value: AtomicU64::new(0),
         pool: Vec::new(),
+        granted: Vec::new(),
     });
     let (preload, preloaded) = if args.preload > 0 {
         let (report, sample) = preload(args.preload, &clients, &ctx, progress).await?;
@@ -374,6 +394,15 @@ async fn bench(args: &BenchArgs, server: &Server, progress: &Progress) -> Result
         Arc::get_mut(&mut ctx)
             .ok_or_else(|| fail("internal error: preload tasks still hold the bench's state"))?
             .pool = pool;
+    }
+    if args.cases.contains(&Case::RevealGranted) {
+        progress.note(&format!(
+            "tokenizing {GRANTED_ORDERS} orders and granting them to {GRANTED_ROLE} for reveal_granted"
+        ));
+        let granted = granted_pool(&clients[0], &ctx, GRANTED_ORDERS).await?;
+        Arc::get_mut(&mut ctx)
+            .ok_or_else(|| fail("internal error: preload tasks still hold the bench's state"))?
+            .granted = granted;
     }
 
     let rounds = args.rounds as usize;
@@ -502,6 +531,7 @@ pub(crate) struct Server {
     pub(crate) shop: MetadataValue<Ascii>,
     pub(crate) courier: MetadataValue<Ascii>,
     pub(crate) auditor: MetadataValue<Ascii>,
+    support: MetadataValue<Ascii>,
     admin: MetadataValue<Ascii>,
 }
 
@@ -529,6 +559,7 @@ impl Server {
         let shop = bearer("shop")?;
         let courier = bearer("courier")?;
         let auditor = bearer("auditor")?;
+        let support = bearer(GRANTED_ROLE)?;
         let admin = bearer("admin")?;
         // Every acknowledged write of the initialisation is durable, so a
         // SIGKILL loses nothing.
@@ -556,6 +587,7 @@ impl Server {
             shop,
             courier,
             auditor,
+            support,
             admin,
         })
     }
@@ -698,14 +730,23 @@ fn spawn_vault(
 /// `rate`, `daily_distinct_orders` and `requires_grant` lines are dropped,
 /// so the bench measures what the vault can do rather than how fast the
 /// guards refuse (a courier may otherwise reveal 600 fields a minute, and
-/// only under a grant). Everything else, visibility included, is kept.
+/// only under a grant). Everything else, visibility included, is kept, and
+/// so is [`GRANTED_ROLE`]'s grant requirement, which `reveal_granted`
+/// measures.
 fn relax_policy(text: &str) -> String {
     const LIMITS: [&str; 3] = ["rate", "daily_distinct_orders", "requires_grant"];
+    let granted_section = format!("roles.{GRANTED_ROLE}");
+    let mut section = String::new();
     let mut out = String::with_capacity(text.len());
     for line in text.lines() {
-        let limit = line
-            .split_once('=')
-            .is_some_and(|(key, _)| LIMITS.contains(&key.trim()));
+        let trimmed = line.trim();
+        if let Some(name) = trimmed.strip_prefix('[').and_then(|t| t.strip_suffix(']')) {
+            section = name.trim().to_owned();
+        }
+        let limit = line.split_once('=').is_some_and(|(key, _)| {
+            let key = key.trim();
+            LIMITS.contains(&key) && !(key == "requires_grant" && section == granted_section)
+        });
         if !limit {
             out.push_str(line);
             out.push('\n');
@@ -806,10 +847,13 @@ const ORDER_FIELDS: u64 = 8;
 struct Ctx {
     shop: MetadataValue<Ascii>,
     courier: MetadataValue<Ascii>,
+    support: MetadataValue<Ascii>,
     /// Source of distinct values; see [`phone`].
     next_value: AtomicU64,
     /// Courier-visible tokens for the reveal cases.
     pool: Vec<String>,
+    /// Phone tokens of orders granted to support, for `reveal_granted`.
+    granted: Vec<String>,
 }
 
 impl Ctx {
@@ -968,6 +1012,18 @@ async fn call(
                 return Err("tokenize_order: the reply holds no order token".into());
             }
         }
+        Case::RevealGranted => {
+            let token = ctx.granted[*cursor % ctx.granted.len()].clone();
+            *cursor = (*cursor + 1) % ctx.granted.len();
+            let reply = reveal_as_support(client, ctx, token).await?;
+            if reply.disclosure != v1::Disclosure::Masked as i32 {
+                return Err(format!(
+                    "reveal_granted: the phone token of a granted order came back {:?}, not masked{}",
+                    v1::Disclosure::try_from(reply.disclosure).unwrap_or_default(),
+                    denial(&reply)
+                ));
+            }
+        }
         Case::Reveal | Case::Reveal100 => {
             let n = case.fields_per_call() as usize;
             let pool = &ctx.pool;
@@ -999,6 +1055,112 @@ async fn call(
         }
     }
     Ok(())
+}
+
+/// Support's reveal of one token for [`GRANTED_PURPOSE`].
+async fn reveal_as_support(
+    client: &mut TokenServiceClient<Channel>,
+    ctx: &Ctx,
+    token: String,
+) -> Result<v1::RevealedField, String> {
+    let reply = client
+        .reveal(authorized(
+            v1::RevealRequest {
+                tokens: vec![token],
+                purpose: GRANTED_PURPOSE.into(),
+            },
+            &ctx.support,
+        ))
+        .await
+        .map_err(|s| refused("reveal_granted", &s))?
+        .into_inner();
+    reply
+        .fields
+        .into_iter()
+        .next()
+        .ok_or_else(|| "reveal_granted: one token sent, no field back".to_owned())
+}
+
+/// `" (denied: REASON)"` for a denied field, else nothing.
+fn denial(field: &v1::RevealedField) -> String {
+    if field.denial_reason.is_empty() {
+        String::new()
+    } else {
+        format!(" (denied: {})", field.denial_reason)
+    }
+}
+
+/// The shop tokenizes one order; its order token and its phone token.
+async fn tokenize_sample_order(
+    client: &mut TokenServiceClient<Channel>,
+    ctx: &Ctx,
+) -> Result<(String, String), String> {
+    let reply = client
+        .tokenize_order(authorized(
+            v1::TokenizeOrderRequest {
+                order: Some(sample_order(ctx.values(1))),
+            },
+            &ctx.shop,
+        ))
+        .await
+        .map_err(|s| refused("tokenize_order", &s))?
+        .into_inner();
+    let order = reply
+        .order
+        .ok_or("tokenize_order: the reply holds no order")?;
+    let phone = order
+        .consignee
+        .map(|c| c.phone)
+        .filter(|p| !p.is_empty())
+        .ok_or("tokenize_order: the reply holds no phone token")?;
+    Ok((order.order_token, phone))
+}
+
+/// Phone tokens of `count` orders the shop tokenized and granted to
+/// [`GRANTED_ROLE`] for [`GRANTED_PURPOSE`]. Fails unless support is
+/// refused the phone token of one more order, not granted: without the
+/// grant requirement in force, `reveal_granted` would not measure it.
+async fn granted_pool(
+    client: &TokenServiceClient<Channel>,
+    ctx: &Ctx,
+    count: usize,
+) -> Result<Vec<String>, Failure> {
+    let mut client = client.clone();
+    let mut pool = Vec::with_capacity(count);
+    for _ in 0..count {
+        let (order_token, phone) = tokenize_sample_order(&mut client, ctx)
+            .await
+            .map_err(fail)?;
+        client
+            .grant(authorized(
+                v1::GrantRequest {
+                    principal: GRANTED_ROLE.into(),
+                    order_token,
+                    purpose: GRANTED_PURPOSE.into(),
+                    ttl_seconds: GRANT_TTL_SECONDS,
+                },
+                &ctx.shop,
+            ))
+            .await
+            .map_err(|s| fail(refused("grant", &s)))?;
+        pool.push(phone);
+    }
+    let (_, ungranted) = tokenize_sample_order(&mut client, ctx)
+        .await
+        .map_err(fail)?;
+    let field = reveal_as_support(&mut client, ctx, ungranted)
+        .await
+        .map_err(fail)?;
+    if field.disclosure != v1::Disclosure::Denied as i32
+        || field.denial_reason != crate::engine::reason::NO_GRANT
+    {
+        return Err(fail(format!(
+            "{GRANTED_ROLE} was not refused an order it was not granted (disclosure {:?}{}): the bench's policy does not require its grants, so reveal_granted would not measure the grant check",
+            v1::Disclosure::try_from(field.disclosure).unwrap_or_default(),
+            denial(&field)
+        )));
+    }
+    Ok(pool)
 }
 
 /// Phone and address tokens for the reveal cases.
@@ -1562,7 +1724,8 @@ mod tests {
                 Case::TokenizeOrder,
                 Case::Tokenize100,
                 Case::Reveal,
-                Case::Reveal100
+                Case::Reveal100,
+                Case::RevealGranted
             ]
         );
         assert_eq!(a.connections, 1);
@@ -1737,7 +1900,14 @@ daily_distinct_orders = 2000
 reveal = { name = \"masked\", phone = \"plain\" }
 [principals.courier-night]
  daily_distinct_orders=300
+[roles.support]
+requires_grant = true
+rate = \"300/min\"
+[ roles.supplier ]
+requires_grant = true
 ";
+        // Support keeps its grant requirement, for `reveal_granted`; no
+        // other section does.
         let expected = "\
 # Per role:
 #   rate                   reveals per window
@@ -1746,6 +1916,9 @@ permissions = []
 purposes = [\"delivery\"]
 reveal = { name = \"masked\", phone = \"plain\" }
 [principals.courier-night]
+[roles.support]
+requires_grant = true
+[ roles.supplier ]
 ";
         assert_eq!(relax_policy(policy), expected);
         // A policy without limits is unchanged.
