@@ -332,6 +332,7 @@ fn unavailable(e: rusqlite::Error) -> StoreError {
 
 fn configure(conn: &Connection) -> rusqlite::Result<()> {
     conn.busy_timeout(BUSY_TIMEOUT)?;
+    plan_once(conn)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     // FULL: the WAL is fsynced at every commit, so an acknowledged write
     // survives power loss, not just a process crash. (The store's writer
@@ -344,6 +345,25 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
     // a large vault stay in memory instead of being re-read from the OS.
     conn.pragma_update(None, "cache_size", -32_768)?;
     conn.pragma_update(None, "temp_store", "MEMORY")?;
+    Ok(())
+}
+
+/// Turns on SQLite's query planner stability guarantee, so that a cached
+/// statement keeps its plan whatever values are bound to it.
+///
+/// Without it, SQLite (since 3.47) marks a statement with a term such as
+/// `order_id = ?1` that one of the plans it weighed did not use, so as to
+/// plan again if a 0 or 1 is bound there later; and `sqlite3_clear_bindings`,
+/// which rusqlite calls on every statement it puts back in its cache,
+/// expires any statement so marked. The grant check of every reveal under a
+/// grant, and the checkpoint signer's read of new events, were then parsed
+/// and planned again on every call (15 % of the vault's CPU under reveals
+/// that need a grant). The vault's statements bind keys, names and
+/// sequence numbers, never the small flags such plans turn on, and the
+/// vault never runs `ANALYZE`, so there are no statistics a bound value
+/// could be weighed against.
+fn plan_once(conn: &Connection) -> rusqlite::Result<()> {
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
     Ok(())
 }
 
@@ -1434,9 +1454,7 @@ fn grants_matching(c: &Connection, filter: GrantFilter) -> rusqlite::Result<Vec<
         };
         out.extend(rows);
     } else {
-        let mut st = c.prepare_cached(&format!(
-            "{GRANT_SELECT} WHERE order_id = ?1 ORDER BY created_ms DESC"
-        ))?;
+        let mut st = c.prepare_cached(&grants_by_order())?;
         for o in &filter.orders {
             for g in st.query_map([&o[..]], grant_row)? {
                 let g = g?;
@@ -1452,6 +1470,11 @@ fn grants_matching(c: &Connection, filter: GrantFilter) -> rusqlite::Result<Vec<
 }
 
 const GRANT_SELECT: &str = "SELECT id, principal, order_id, purpose, expires_ms, granted_by, created_ms, revoked_ms FROM grants";
+
+/// The grants of one order, newest first: the read of a reveal's grant check.
+fn grants_by_order() -> String {
+    format!("{GRANT_SELECT} WHERE order_id = ?1 ORDER BY created_ms DESC")
+}
 
 fn grant_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<GrantRecord> {
     Ok(GrantRecord {
@@ -1691,6 +1714,7 @@ fn tail_conn(db: &Path) -> rusqlite::Result<Connection> {
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
+    plan_once(&conn)?;
     conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)?;
     conn.pragma_update(None, "cache_size", -2_048)?;
     Ok(conn)
@@ -2592,6 +2616,41 @@ mod tests {
             .optional()
             .expect("read meta")
             .is_some()
+    }
+
+    /// The grant check and the token reads, run again and again with other
+    /// values, keep the plan they were prepared with, on the store's
+    /// connections and on the index thread's; see [`plan_once`].
+    #[test]
+    fn cached_statements_are_not_prepared_again_for_new_values() {
+        let dir = tempfile::tempdir().expect("scratch directory");
+        let db = dir.path().join("vault.db");
+        let mut conn = open_conn(&db).expect("open");
+        migrate(&mut conn).expect("migrate");
+        let side = tail_conn(&db).expect("open the index thread's connection");
+        let statements = [
+            grants_by_order(),
+            ORDERS_OF_TOKEN.to_owned(),
+            TOKEN_BY_ID.to_owned(),
+        ];
+        for c in [&conn, &side] {
+            for sql in &statements {
+                for value in 0u8..4 {
+                    let mut st = c.prepare_cached(sql).expect("prepare");
+                    let rows = st
+                        .query_map([&[value; 16][..]], |_| Ok(()))
+                        .expect("query")
+                        .count();
+                    assert_eq!(rows, 0);
+                }
+                let st = c.prepare_cached(sql).expect("prepare");
+                assert_eq!(
+                    st.get_status(rusqlite::StatementStatus::RePrepare),
+                    0,
+                    "prepared again for new values: {sql}"
+                );
+            }
+        }
     }
 
     /// The WAL's look-ups give its size and tell a file put in its place
