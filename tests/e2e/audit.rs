@@ -497,6 +497,25 @@ async fn a_row_given_another_type_is_named_by_verify() {
     )
     .unwrap();
     assert!(verify().await.ok, "order_token restored");
+    // Emptied, the event would be counted by its token instead: named too.
+    sql.execute(
+        "UPDATE audit_events SET order_token = NULL WHERE seq = ?1",
+        [seq],
+    )
+    .unwrap();
+    let bad = verify().await;
+    assert!(!bad.ok, "order_token emptied: {bad:?}");
+    assert_eq!(bad.chains[0].first_bad_seq, seq as u64, "{bad:?}");
+    assert!(
+        bad.chains[0].problem.contains("indexed columns differ"),
+        "{bad:?}"
+    );
+    sql.execute(
+        "UPDATE audit_events SET order_token = ?1 WHERE seq = ?2",
+        rusqlite::params![o.order_token.as_str(), seq],
+    )
+    .unwrap();
+    assert!(verify().await.ok, "order_token restored again");
 
     // A seq of another type sorts after every number and is greater than
     // any: the row is not read at all, and its seq is missing.

@@ -213,14 +213,17 @@ pub fn stored_as_written(e: &StoredEvent) -> Result<(), VerifyError> {
     }
 }
 
-/// Whether a stored event's indexed columns equal its decoded leaf.
+/// Whether a stored event's indexed columns equal its decoded leaf. The
+/// order token counts too, emptied or not: leak traces count a principal's
+/// records by it. (SQLite events from before the column had it copied from
+/// their leaves when the column was made complete.)
 pub fn columns_match(e: &StoredEvent, event: &AuditEvent) -> bool {
     event.principal == e.principal
         && event.action.as_str() == e.action
         && event.decision.as_str() == e.decision
         && event.token == e.token
         && event.ts_ms == e.ts_ms
-        && (e.order_token.is_none() || e.order_token == event.order_token)
+        && e.order_token == event.order_token
 }
 
 /// The chain hash before the first event.

@@ -185,6 +185,20 @@ INSERT INTO audit_token_upto (chain, upto)
     SELECT chain, max(seq) FROM audit_events WHERE typeof(seq) = 'integer' GROUP BY chain;
 DROP INDEX audit_by_token_key;
 ",
+    // Verify holds every event's `order_token` column to its signed leaf,
+    // so an emptied column is named like an edited one. Events stored
+    // before the column existed had none: it is copied from their leaves
+    // (JSON, the event's fields beside `v`, `chain` and `seq`:
+    // `{"v":1,...,"order_token":"..."}`). Only rows whose leaf names an
+    // order token are parsed.
+    r#"
+UPDATE audit_events
+   SET order_token = json_extract(CAST(leaf AS TEXT), '$.order_token')
+ WHERE order_token IS NULL
+   AND instr(CAST(leaf AS TEXT), '"order_token"') > 0
+   AND json_valid(CAST(leaf AS TEXT))
+   AND json_type(CAST(leaf AS TEXT), '$.order_token') = 'text';
+"#,
 ];
 
 /// Audit events (of all chains) past their chains' `audit_token_upto` marks
@@ -3387,7 +3401,8 @@ mod tests {
     async fn the_migration_indexes_the_events_already_stored() {
         let dir = tempfile::tempdir().expect("scratch directory");
         let db = dir.path().join("vault.db");
-        let before = MIGRATIONS.len() - 1;
+        // The token index, and the order tokens copied after it.
+        let before = MIGRATIONS.len() - 2;
         {
             let c = Connection::open(&db).expect("create");
             for sql in &MIGRATIONS[..before] {
@@ -3421,6 +3436,77 @@ mod tests {
             vec![("a".to_owned(), 1), ("b".to_owned(), 1)]
         );
         store.close();
+    }
+
+    /// A database whose events predate the `order_token` column: the
+    /// migration copies each event's order token from its signed leaf, and
+    /// leaves the other events and any column already set as they were.
+    #[test]
+    fn the_migration_copies_order_tokens_from_the_leaves() {
+        let dir = tempfile::tempdir().expect("scratch directory");
+        let db = dir.path().join("vault.db");
+        let before = MIGRATIONS.len() - 1;
+        let event = |order: Option<&str>| {
+            let mut e = audit::AuditEvent::new(
+                0,
+                "courier-1",
+                "courier",
+                audit::Action::Reveal,
+                audit::Decision::Allowed,
+                "r1",
+                "p1",
+            );
+            e.token = Some("ph_1".into());
+            e.order_token = order.map(str::to_owned);
+            e
+        };
+        {
+            let c = Connection::open(&db).expect("create");
+            for sql in &MIGRATIONS[..before] {
+                c.execute_batch(sql).expect("an earlier migration");
+            }
+            c.pragma_update(None, "user_version", before as i64)
+                .expect("set the version");
+            for (seq, order, column) in [
+                (1, Some("od_1"), None),
+                (2, None, None),
+                (3, Some("od_3"), Some("od_3")),
+            ] {
+                c.execute(
+                    "INSERT INTO audit_events (chain, seq, ts_ms, principal, action, decision, token, leaf, chain_hash, order_token)
+                     VALUES ('a', ?1, 0, 'courier-1', 'reveal', 'allowed', 'ph_1', ?2, x'00', ?3)",
+                    params![seq as i64, audit::encode_leaf("a", seq, &event(order)), column],
+                )
+                .expect("an event");
+            }
+            // A leaf that is not JSON, stored as the vault never would.
+            c.execute(
+                "INSERT INTO audit_events (chain, seq, ts_ms, principal, action, decision, token, leaf, chain_hash)
+                 VALUES ('a', 4, 0, 'courier-1', 'reveal', 'allowed', 'ph_1', CAST('\"order_token\"' AS BLOB), x'00')",
+                [],
+            )
+            .expect("an event");
+        }
+        let store = SqliteStore::open(&db).expect("open and migrate");
+        store.close();
+        drop(store);
+        let c = Connection::open(&db).expect("open");
+        let columns: Vec<(i64, Option<String>)> = c
+            .prepare("SELECT seq, order_token FROM audit_events ORDER BY seq")
+            .expect("prepare")
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows");
+        assert_eq!(
+            columns,
+            vec![
+                (1, Some("od_1".to_owned())),
+                (2, None),
+                (3, Some("od_3".to_owned())),
+                (4, None)
+            ]
+        );
     }
 
     /// A batch larger than a chunk goes in over several transactions, with
