@@ -399,7 +399,8 @@ async fn bench(args: &BenchArgs, server: &Server, progress: &Progress) -> Result
         progress.note(&format!(
             "tokenizing {GRANTED_ORDERS} orders and granting them to {GRANTED_ROLE} for reveal_granted"
         ));
-        let granted = granted_pool(&clients[0], &ctx, GRANTED_ORDERS).await?;
+        let nodes = server.urls.len().min(clients.len());
+        let granted = granted_pool(&clients[..nodes], &ctx, GRANTED_ORDERS).await?;
         Arc::get_mut(&mut ctx)
             .ok_or_else(|| fail("internal error: preload tasks still hold the bench's state"))?
             .granted = granted;
@@ -999,18 +1000,7 @@ async fn call(
             tokenize(client, ctx, fields(ctx.values(BATCH as u64), BATCH, false)).await?;
         }
         Case::TokenizeOrder => {
-            let order = sample_order(ctx.values(1));
-            let reply = client
-                .tokenize_order(authorized(
-                    v1::TokenizeOrderRequest { order: Some(order) },
-                    &ctx.shop,
-                ))
-                .await
-                .map_err(|s| refused("tokenize_order", &s))?
-                .into_inner();
-            if reply.order.is_none_or(|o| o.order_token.is_empty()) {
-                return Err("tokenize_order: the reply holds no order token".into());
-            }
+            tokenize_sample_order(client, ctx).await?;
         }
         Case::RevealGranted => {
             let token = ctx.granted[*cursor % ctx.granted.len()].clone();
@@ -1031,19 +1021,8 @@ async fn call(
                 .map(|i| pool[(*cursor + i) % pool.len()].clone())
                 .collect();
             *cursor = (*cursor + n) % pool.len();
-            let reply = client
-                .reveal(authorized(
-                    v1::RevealRequest {
-                        tokens,
-                        purpose: PURPOSE.into(),
-                    },
-                    &ctx.courier,
-                ))
-                .await
-                .map_err(|s| refused("reveal", &s))?
-                .into_inner();
-            let plain = reply
-                .fields
+            let fields = reveal_as(client, &ctx.courier, PURPOSE, tokens).await?;
+            let plain = fields
                 .iter()
                 .filter(|f| f.disclosure == v1::Disclosure::Plain as i32)
                 .count();
@@ -1057,25 +1036,35 @@ async fn call(
     Ok(())
 }
 
+/// A reveal of `tokens` for `purpose` by the principal whose key is `key`.
+async fn reveal_as(
+    client: &mut TokenServiceClient<Channel>,
+    key: &MetadataValue<Ascii>,
+    purpose: &str,
+    tokens: Vec<String>,
+) -> Result<Vec<v1::RevealedField>, String> {
+    Ok(client
+        .reveal(authorized(
+            v1::RevealRequest {
+                tokens,
+                purpose: purpose.into(),
+            },
+            key,
+        ))
+        .await
+        .map_err(|s| refused("reveal", &s))?
+        .into_inner()
+        .fields)
+}
+
 /// Support's reveal of one token for [`GRANTED_PURPOSE`].
 async fn reveal_as_support(
     client: &mut TokenServiceClient<Channel>,
     ctx: &Ctx,
     token: String,
 ) -> Result<v1::RevealedField, String> {
-    let reply = client
-        .reveal(authorized(
-            v1::RevealRequest {
-                tokens: vec![token],
-                purpose: GRANTED_PURPOSE.into(),
-            },
-            &ctx.support,
-        ))
-        .await
-        .map_err(|s| refused("reveal_granted", &s))?
-        .into_inner();
-    reply
-        .fields
+    reveal_as(client, &ctx.support, GRANTED_PURPOSE, vec![token])
+        .await?
         .into_iter()
         .next()
         .ok_or_else(|| "reveal_granted: one token sent, no field back".to_owned())
@@ -1090,7 +1079,8 @@ fn denial(field: &v1::RevealedField) -> String {
     }
 }
 
-/// The shop tokenizes one order; its order token and its phone token.
+/// The shop tokenizes the next [`sample_order`]: its order token and its
+/// phone token (the `tokenize_order` case, and `reveal_granted`'s orders).
 async fn tokenize_sample_order(
     client: &mut TokenServiceClient<Channel>,
     ctx: &Ctx,
@@ -1107,7 +1097,8 @@ async fn tokenize_sample_order(
         .into_inner();
     let order = reply
         .order
-        .ok_or("tokenize_order: the reply holds no order")?;
+        .filter(|o| !o.order_token.is_empty())
+        .ok_or("tokenize_order: the reply holds no order token")?;
     let phone = order
         .consignee
         .map(|c| c.phone)
@@ -1117,15 +1108,19 @@ async fn tokenize_sample_order(
 }
 
 /// Phone tokens of `count` orders the shop tokenized and granted to
-/// [`GRANTED_ROLE`] for [`GRANTED_PURPOSE`]. Fails unless support is
-/// refused the phone token of one more order, not granted: without the
+/// [`GRANTED_ROLE`] for [`GRANTED_PURPOSE`], through the first of
+/// `clients`. Fails unless support is refused the phone token of an order
+/// it was not granted, through each of `clients` (one per node): without the
 /// grant requirement in force, `reveal_granted` would not measure it.
 async fn granted_pool(
-    client: &TokenServiceClient<Channel>,
+    clients: &[TokenServiceClient<Channel>],
     ctx: &Ctx,
     count: usize,
 ) -> Result<Vec<String>, Failure> {
-    let mut client = client.clone();
+    let mut client = clients
+        .first()
+        .cloned()
+        .ok_or_else(|| fail("internal error: no connection to the vault"))?;
     let mut pool = Vec::with_capacity(count);
     for _ in 0..count {
         let (order_token, phone) = tokenize_sample_order(&mut client, ctx)
@@ -1145,20 +1140,21 @@ async fn granted_pool(
             .map_err(|s| fail(refused("grant", &s)))?;
         pool.push(phone);
     }
-    let (_, ungranted) = tokenize_sample_order(&mut client, ctx)
-        .await
-        .map_err(fail)?;
-    let field = reveal_as_support(&mut client, ctx, ungranted)
-        .await
-        .map_err(fail)?;
-    if field.disclosure != v1::Disclosure::Denied as i32
-        || field.denial_reason != crate::engine::reason::NO_GRANT
-    {
-        return Err(fail(format!(
-            "{GRANTED_ROLE} was not refused an order it was not granted (disclosure {:?}{}): the bench's policy does not require its grants, so reveal_granted would not measure the grant check",
-            v1::Disclosure::try_from(field.disclosure).unwrap_or_default(),
-            denial(&field)
-        )));
+    for node in clients {
+        let mut node = node.clone();
+        let (_, ungranted) = tokenize_sample_order(&mut node, ctx).await.map_err(fail)?;
+        let field = reveal_as_support(&mut node, ctx, ungranted)
+            .await
+            .map_err(fail)?;
+        if field.disclosure != v1::Disclosure::Denied as i32
+            || field.denial_reason != crate::engine::reason::NO_GRANT
+        {
+            return Err(fail(format!(
+                "{GRANTED_ROLE} was not refused an order it was not granted (disclosure {:?}{}): the bench's policy does not require its grants, so reveal_granted would not measure the grant check",
+                v1::Disclosure::try_from(field.disclosure).unwrap_or_default(),
+                denial(&field)
+            )));
+        }
     }
     Ok(pool)
 }
