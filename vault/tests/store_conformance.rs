@@ -1847,17 +1847,67 @@ async fn orders(be: &str, store: &dyn Store) {
         "{be}: no ids, no orders"
     );
     let ids = vec![tid(3), tid(99), oid(1), tid(1), tid(11)];
-    let (rows, of) = store.tokens_with_orders(ids.clone()).await.must(be);
+    let reads = store.reveal_reads(ids.clone(), None).await.must(be);
     assert_eq!(
-        rows,
+        reads.rows,
         store.tokens(ids.clone()).await.must(be),
-        "{be}: tokens_with_orders reads the rows tokens does"
+        "{be}: reveal_reads reads the rows tokens does"
     );
     assert_eq!(
-        of.into_iter().map(sorted).collect::<Vec<_>>(),
+        reads.orders.into_iter().map(sorted).collect::<Vec<_>>(),
         vec![vec![oid(2), oid(4)], vec![], vec![], vec![oid(1)], vec![]],
         "{be}: and each held token's orders, in request order; none for \
          an unknown id or an order token"
+    );
+    assert!(
+        reads.grants.is_empty(),
+        "{be}: no grants are read when no principal is asked about"
+    );
+    let granted = vec![
+        grant(60, "courier", oid(2), T0),
+        grant(61, "courier", oid(1), T0 + 10),
+        grant(62, "other", oid(4), T0 + 20),
+        grant(63, "courier", oid(3), T0 + 30),
+    ];
+    commit(
+        be,
+        store,
+        WriteBatch {
+            grants: granted.clone(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let reads = store
+        .reveal_reads(ids.clone(), Some("courier".into()))
+        .await
+        .must(be);
+    assert_eq!(
+        reads.grants,
+        vec![granted[1].clone(), granted[0].clone()],
+        "{be}: with a principal, its grants on the tokens' orders, newest \
+         first; not another principal's, nor on an order none of the tokens \
+         belongs to"
+    );
+    assert_eq!(
+        reads.grants,
+        store
+            .grants_for_reveal(GrantFilter {
+                principal: Some("courier".into()),
+                orders: vec![oid(1), oid(2), oid(4)],
+            })
+            .await
+            .must(be),
+        "{be}: the grants grants_for_reveal finds for those orders"
+    );
+    assert!(
+        store
+            .reveal_reads(vec![tid(99), tid(11)], Some("courier".into()))
+            .await
+            .must(be)
+            .grants
+            .is_empty(),
+        "{be}: tokens in no order have no grants"
     );
 
     commit_conflict(

@@ -116,6 +116,34 @@ pub struct GrantFilter {
     pub orders: Vec<TokenId>,
 }
 
+/// What a reveal reads from the store, in request order
+/// ([`Store::reveal_reads`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RevealReads {
+    /// Each token asked for; `None` where it is not held.
+    pub rows: Vec<Option<TokenRecord>>,
+    /// For each token, the orders it belongs to (none for an unknown id).
+    pub orders: Vec<Vec<TokenId>>,
+    /// The grants to the principal asked about on any of those orders,
+    /// newest first; none when no principal was asked about.
+    pub grants: Vec<GrantRecord>,
+}
+
+/// The grant check's filter for a reveal of tokens belonging to `orders`:
+/// `principal`'s grants on any of them, each order once. `None` when there
+/// is nothing to look up.
+pub(crate) fn grant_filter(
+    principal: Option<String>,
+    orders: &[Vec<TokenId>],
+) -> Option<GrantFilter> {
+    let principal = principal?;
+    let all: std::collections::BTreeSet<TokenId> = orders.iter().flatten().copied().collect();
+    (!all.is_empty()).then(|| GrantFilter {
+        principal: Some(principal),
+        orders: all.into_iter().collect(),
+    })
+}
+
 /// A stored alert. Never contains a value.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AlertRecord {
@@ -387,14 +415,17 @@ pub trait Store: Send + Sync + 'static {
     async fn token_count(&self) -> Result<u64, StoreError>;
     /// For each token, the orders it belongs to.
     async fn orders_of_tokens(&self, ids: Vec<TokenId>) -> Result<Vec<Vec<TokenId>>, StoreError>;
-    /// What a reveal reads, in request order: each token ([`Store::tokens`])
-    /// and, for each one held, the orders it belongs to
-    /// ([`Store::orders_of_tokens`]; empty for unknown ids). A backend that
-    /// can answer both in one trip overrides this.
-    async fn tokens_with_orders(
+    /// What a reveal reads ([`RevealReads`]): each token
+    /// ([`Store::tokens`]), for each one held the orders it belongs to
+    /// ([`Store::orders_of_tokens`]), and, when `grants_of` names a
+    /// principal, that principal's grants on any of those orders
+    /// ([`Store::grants_for_reveal`]). A backend that can answer all of it
+    /// in one trip overrides this.
+    async fn reveal_reads(
         &self,
         ids: Vec<TokenId>,
-    ) -> Result<(Vec<Option<TokenRecord>>, Vec<Vec<TokenId>>), StoreError> {
+        grants_of: Option<String>,
+    ) -> Result<RevealReads, StoreError> {
         let rows = self.tokens(ids.clone()).await?;
         let held: Vec<TokenId> = rows.iter().flatten().map(|r| r.id).collect();
         let asked = held.len();
@@ -406,14 +437,22 @@ pub trait Store: Send + Sync + 'static {
             )));
         }
         let mut found = found.into_iter();
-        let orders = rows
+        let orders: Vec<Vec<TokenId>> = rows
             .iter()
             .map(|r| match r {
                 Some(_) => found.next().unwrap_or_default(),
                 None => Vec::new(),
             })
             .collect();
-        Ok((rows, orders))
+        let grants = match grant_filter(grants_of, &orders) {
+            Some(filter) => self.grants_for_reveal(filter).await?,
+            None => Vec::new(),
+        };
+        Ok(RevealReads {
+            rows,
+            orders,
+            grants,
+        })
     }
     /// Whether an order token is held.
     async fn order_exists(&self, id: TokenId) -> Result<bool, StoreError>;

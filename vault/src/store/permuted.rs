@@ -15,8 +15,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use super::{
-    AlertRecord, AuditFilter, Committed, GrantFilter, GrantRecord, PrincipalRecord, Store,
-    StoreError, StoredCheckpoint, StoredKey, TokenId, TokenLookup, TokenRecord, WriteBatch,
+    AlertRecord, AuditFilter, Committed, GrantFilter, GrantRecord, PrincipalRecord, RevealReads,
+    Store, StoreError, StoredCheckpoint, StoredKey, TokenId, TokenLookup, TokenRecord, WriteBatch,
 };
 use crate::audit::StoredEvent;
 use crate::kinds::FieldKind;
@@ -179,17 +179,25 @@ impl Store for PermutedStore {
         Ok(orders.into_iter().map(|o| self.bodies(o)).collect())
     }
 
-    async fn tokens_with_orders(
+    async fn reveal_reads(
         &self,
         ids: Vec<TokenId>,
-    ) -> Result<(Vec<Option<TokenRecord>>, Vec<Vec<TokenId>>), StoreError> {
-        let (rows, orders) = self.inner.tokens_with_orders(self.keys(ids)).await?;
-        Ok((
-            rows.into_iter()
+        grants_of: Option<String>,
+    ) -> Result<RevealReads, StoreError> {
+        let reads = self.inner.reveal_reads(self.keys(ids), grants_of).await?;
+        Ok(RevealReads {
+            rows: reads
+                .rows
+                .into_iter()
                 .map(|r| r.map(|r| self.record_out(r)))
                 .collect(),
-            orders.into_iter().map(|o| self.bodies(o)).collect(),
-        ))
+            orders: reads.orders.into_iter().map(|o| self.bodies(o)).collect(),
+            grants: reads
+                .grants
+                .into_iter()
+                .map(|g| self.grant_out(g))
+                .collect(),
+        })
     }
 
     async fn order_exists(&self, id: TokenId) -> Result<bool, StoreError> {

@@ -23,8 +23,9 @@ use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use super::{
-    AlertRecord, AuditFilter, Committed, GrantFilter, GrantRecord, PrincipalRecord, Store,
-    StoreError, StoredCheckpoint, StoredKey, TokenId, TokenLookup, TokenRecord, WriteBatch,
+    AlertRecord, AuditFilter, Committed, GrantFilter, GrantRecord, PrincipalRecord, RevealReads,
+    Store, StoreError, StoredCheckpoint, StoredKey, TokenId, TokenLookup, TokenRecord, WriteBatch,
+    grant_filter,
 };
 use crate::audit::{self, StoredEvent};
 use crate::kinds::FieldKind;
@@ -827,12 +828,14 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn tokens_with_orders(
+    async fn reveal_reads(
         &self,
         ids: Vec<TokenId>,
-    ) -> Result<(Vec<Option<TokenRecord>>, Vec<Vec<TokenId>>), StoreError> {
-        // One trip to the blocking pool for both: each trip costs a thread
-        // hand-off and a wake-up, more than the two index probes.
+        grants_of: Option<String>,
+    ) -> Result<RevealReads, StoreError> {
+        // One trip to the blocking pool, and one read transaction, for all
+        // of it: each trip costs a thread hand-off and a wake-up, more than
+        // the index probes.
         self.read_before_commit(move |c| {
             let mut tokens = c.prepare_cached(TOKEN_BY_ID)?;
             let mut orders = c.prepare_cached(ORDERS_OF_TOKEN)?;
@@ -850,7 +853,15 @@ impl Store for SqliteStore {
                 });
                 rows.push(row);
             }
-            Ok((rows, of))
+            let grants = match grant_filter(grants_of, &of) {
+                Some(filter) => grants_matching(c, filter)?,
+                None => Vec::new(),
+            };
+            Ok(RevealReads {
+                rows,
+                orders: of,
+                grants,
+            })
         })
         .await
     }
@@ -1470,7 +1481,7 @@ fn grants_matching(c: &Connection, filter: GrantFilter) -> rusqlite::Result<Vec<
         };
         out.extend(rows);
     } else {
-        let mut st = c.prepare_cached(&grants_by_order())?;
+        let mut st = c.prepare_cached(GRANTS_BY_ORDER)?;
         for o in &filter.orders {
             for g in st.query_map([&o[..]], grant_row)? {
                 let g = g?;
@@ -1485,12 +1496,20 @@ fn grants_matching(c: &Connection, filter: GrantFilter) -> rusqlite::Result<Vec<
     Ok(out)
 }
 
-const GRANT_SELECT: &str = "SELECT id, principal, order_id, purpose, expires_ms, granted_by, created_ms, revoked_ms FROM grants";
+/// The columns [`grant_row`] reads, as a literal for `concat!`.
+macro_rules! grant_select {
+    () => {
+        "SELECT id, principal, order_id, purpose, expires_ms, granted_by, created_ms, revoked_ms FROM grants"
+    };
+}
+
+const GRANT_SELECT: &str = grant_select!();
 
 /// The grants of one order, newest first: the read of a reveal's grant check.
-fn grants_by_order() -> String {
-    format!("{GRANT_SELECT} WHERE order_id = ?1 ORDER BY created_ms DESC")
-}
+const GRANTS_BY_ORDER: &str = concat!(
+    grant_select!(),
+    " WHERE order_id = ?1 ORDER BY created_ms DESC"
+);
 
 fn grant_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<GrantRecord> {
     Ok(GrantRecord {
@@ -2660,7 +2679,7 @@ mod tests {
         migrate(&mut conn).expect("migrate");
         let side = tail_conn(&db).expect("open the index thread's connection");
         let statements = [
-            grants_by_order(),
+            GRANTS_BY_ORDER.to_owned(),
             ORDERS_OF_TOKEN.to_owned(),
             TOKEN_BY_ID.to_owned(),
         ];
@@ -2675,7 +2694,7 @@ mod tests {
         }
         let plain = Connection::open(&db).expect("a connection of SQLite's defaults");
         assert!(
-            reprepared(&plain, &grants_by_order()) > 0,
+            reprepared(&plain, GRANTS_BY_ORDER) > 0,
             "SQLite no longer plans this statement again: the guarantee may be unneeded"
         );
     }
