@@ -1601,9 +1601,6 @@ impl Engine {
             .collect())
     }
 
-    /// For roles that need grants: per token, `None` when a live grant for
-    /// this principal, purpose and one of the token's orders exists, else
-    /// the denial reason.
     /// For each token, why its grants do not let the principal reveal it
     /// for `purpose` (`None`: a live grant does, or the role needs none).
     /// `grants` are the principal's grants on the tokens' `orders`, as
