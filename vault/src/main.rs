@@ -39,8 +39,9 @@ fn main() {
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        // The blocking pool runs SQLite store reads, at most eight at a time
-        // (one per read connection), and the odd name lookup. Tokio's
+        // The blocking pool runs SQLite store reads (but the few probes of
+        // a small reveal, run where the request is), at most eight at a
+        // time (one per read connection), and the odd name lookup. Tokio's
         // default of up to 512 threads grew it to over 40 under 64
         // concurrent reveals, each thread with its own thread cache (and,
         // under glibc's allocator, its own arena) keeping freed memory.
