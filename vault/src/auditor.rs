@@ -173,21 +173,13 @@ impl Engine {
         let mut next = 0;
         let mut from = 0;
         loop {
-            let page = self
-                .store
-                .audit_query(
-                    AuditFilter {
-                        chain: chain.clone(),
-                        after_seq: from,
-                        ..Default::default()
-                    },
-                    50_000,
-                )
-                .await?;
-            let Some(last) = page.last() else { break };
-            from = last.seq;
-            for e in &page {
-                tree.push(merkle::leaf_hash(&e.leaf));
+            let page = self.store.audit_leaves(&chain, from, 50_000).await?;
+            let Some(&(last, _)) = page.last() else {
+                break;
+            };
+            from = last;
+            for (_, leaf) in &page {
+                tree.push(merkle::leaf_hash(leaf));
                 while next < stored.len() && stored[next].size == tree.size() {
                     if stored[next].root != tree.root() {
                         refused = Some(format!(
@@ -251,26 +243,19 @@ impl Engine {
         loop {
             let page = self
                 .store
-                .audit_query(
-                    AuditFilter {
-                        chain: chain.clone(),
-                        after_seq: log.tree.size(),
-                        ..Default::default()
-                    },
-                    50_000,
-                )
+                .audit_leaves(&chain, log.tree.size(), 50_000)
                 .await?;
             if page.is_empty() {
                 break;
             }
-            for e in &page {
-                if e.seq != log.tree.size() + 1 {
+            for (seq, leaf) in &page {
+                if *seq != log.tree.size() + 1 {
                     log.refused = Some(format!("event seq {} is missing", log.tree.size() + 1));
                     return Err(VaultError::DataLoss(
                         "the audit log has a gap; checkpoint signing is disabled".into(),
                     ));
                 }
-                log.tree.push(merkle::leaf_hash(&e.leaf));
+                log.tree.push(merkle::leaf_hash(leaf));
             }
         }
         let size = log.tree.size();

@@ -560,6 +560,15 @@ pub fn sha256(data: &[u8]) -> [u8; 32] {
     Sha256::digest(data).into()
 }
 
+/// SHA-256 of `parts` one after another, without copying them together.
+pub fn sha256_of_parts(parts: &[&[u8]]) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update(part);
+    }
+    hasher.finalize().into()
+}
+
 /// Random bytes from the thread-local CSPRNG (`rand::rng()`: ChaCha12 seeded from the
 /// operating system and reseeded every 64 KiB), for tokens, nonces and request ids.
 pub fn random_bytes<const N: usize>() -> [u8; N] {

@@ -35,10 +35,7 @@ const NODE_PREFIX: u8 = 0x01;
 
 /// The hash of one leaf, `SHA-256(0x00 || leaf)` (RFC 9162 §2.1.1).
 pub fn leaf_hash(leaf: &[u8]) -> Hash {
-    let mut buf = Vec::with_capacity(1 + leaf.len());
-    buf.push(LEAF_PREFIX);
-    buf.extend_from_slice(leaf);
-    sha256(&buf)
+    crate::crypto::sha256_of_parts(&[&[LEAF_PREFIX], leaf])
 }
 
 /// The hash of an interior node, `SHA-256(0x01 || left || right)` (RFC 9162 §2.1.1).

@@ -2819,6 +2819,49 @@ async fn audit_query(be: &str, store: &dyn Store) {
     }
 }
 
+/// The leaves the checkpoint signer reads are a chain's leaves as queried,
+/// after a sequence number, up to a limit, and the encoding of what was
+/// appended there.
+async fn audit_leaves(be: &str, store: &dyn Store) {
+    let appended = append_query_fixture(be, store).await;
+    for (chain, after, limit) in [
+        (CHAIN_A, 0, 100),
+        (CHAIN_A, 4, 100),
+        (CHAIN_A, 4, 3),
+        (CHAIN_A, 13, 100),
+        (CHAIN_A, 0, 0),
+        (CHAIN_B, 1, 100),
+        ("node-x", 0, 100),
+    ] {
+        let got = store.audit_leaves(chain, after, limit).await.must(be);
+        let want: Vec<(u64, Vec<u8>)> = appended
+            .iter()
+            .filter(|x| x.chain == chain && x.seq > after)
+            .take(limit)
+            .map(|x| (x.seq, audit::encode_leaf(chain, x.seq, &x.event)))
+            .collect();
+        assert_eq!(
+            got, want,
+            "{be}: audit_leaves of {chain} after {after}, limit {limit}"
+        );
+        let queried: Vec<(u64, Vec<u8>)> = store
+            .audit_query(
+                AuditFilter {
+                    chain: chain.to_owned(),
+                    after_seq: after,
+                    ..Default::default()
+                },
+                limit,
+            )
+            .await
+            .must(be)
+            .into_iter()
+            .map(|e| (e.seq, e.leaf))
+            .collect();
+        assert_eq!(got, queried, "{be}: audit_leaves as audit_query reads them");
+    }
+}
+
 /// (chain, seq) of the appended events about any of `tokens`, in order.
 fn by_tokens_reference(appended: &[Appended], tokens: &[&str]) -> Vec<(String, u64)> {
     sorted(
@@ -3893,6 +3936,13 @@ async fn audit_chains_number_from_one_and_verify() {
 async fn audit_query_applies_each_filter() {
     for b in backends().await {
         audit_query(b.name, &*b.store).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_leaves_are_a_chains_leaves_in_order() {
+    for b in backends().await {
+        audit_leaves(b.name, &*b.store).await;
     }
 }
 

@@ -484,6 +484,29 @@ pub trait Store: Send + Sync + 'static {
         filter: AuditFilter,
         limit: usize,
     ) -> Result<Vec<StoredEvent>, StoreError>;
+    /// The sequence numbers and leaves of up to `limit` events of `chain`
+    /// after `after_seq`, in order, the leaves as [`Store::audit_query`]
+    /// gives them: what the checkpoint signer adds to its tree, which needs
+    /// nothing else of an event. A backend that can read only those
+    /// columns overrides this.
+    async fn audit_leaves(
+        &self,
+        chain: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let filter = AuditFilter {
+            chain: chain.to_owned(),
+            after_seq,
+            ..Default::default()
+        };
+        Ok(self
+            .audit_query(filter, limit)
+            .await?
+            .into_iter()
+            .map(|e| (e.seq, e.leaf))
+            .collect())
+    }
     /// All events about any of `tokens` (all chains), in (chain, seq) order:
     /// those stored with a token key equal to a lookup's key, and those
     /// stored without one whose token text equals a lookup's text.

@@ -239,6 +239,15 @@ impl Store for PermutedStore {
         self.inner.audit_size(chain).await
     }
 
+    async fn audit_leaves(
+        &self,
+        chain: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.inner.audit_leaves(chain, after_seq, limit).await
+    }
+
     async fn audit_query(
         &self,
         mut filter: AuditFilter,
