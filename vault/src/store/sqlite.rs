@@ -657,8 +657,10 @@ impl SqliteStore {
     /// vault's CPU. The probes of a small reveal take microseconds when
     /// their pages are in the OS page cache, and a read from the disk would
     /// hold the async worker no longer than the hand-off it replaces costs
-    /// on a busy machine. When every read connection is taken, the read
-    /// waits for one on the blocking pool as before.
+    /// on a busy machine. A reader of a WAL database waits for neither the
+    /// writer nor a checkpoint, so the worker is not held behind a lock.
+    /// When every read connection is taken, the read waits for one on the
+    /// blocking pool as before.
     async fn read_inline_before_commit<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
