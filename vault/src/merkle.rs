@@ -23,7 +23,7 @@
 //!
 //! [RFC 9162]: https://www.rfc-editor.org/rfc/rfc9162
 
-use crate::crypto::sha256;
+use crate::crypto::{sha256, sha256_of_parts};
 
 /// A SHA-256 hash: a leaf hash, an interior node or a tree head.
 pub type Hash = [u8; 32];
@@ -35,7 +35,7 @@ const NODE_PREFIX: u8 = 0x01;
 
 /// The hash of one leaf, `SHA-256(0x00 || leaf)` (RFC 9162 §2.1.1).
 pub fn leaf_hash(leaf: &[u8]) -> Hash {
-    crate::crypto::sha256_of_parts(&[&[LEAF_PREFIX], leaf])
+    sha256_of_parts(&[&[LEAF_PREFIX], leaf])
 }
 
 /// The hash of an interior node, `SHA-256(0x01 || left || right)` (RFC 9162 §2.1.1).

@@ -243,6 +243,18 @@ struct Job {
     reply: oneshot::Sender<Result<Committed, StoreError>>,
 }
 
+impl Job {
+    /// A job for `batch`, its audit events encoded here, on the caller's
+    /// thread, one for one.
+    fn new(batch: WriteBatch, reply: oneshot::Sender<Result<Committed, StoreError>>) -> Job {
+        Job {
+            events: batch.audit.iter().map(audit::encode_event).collect(),
+            batch: Box::new(batch),
+            reply,
+        }
+    }
+}
+
 /// The SQLite store. Cheap to share behind an `Arc`.
 pub struct SqliteStore {
     path: PathBuf,
@@ -658,9 +670,11 @@ impl SqliteStore {
     /// their pages are in the OS page cache, and a read from the disk would
     /// hold the async worker no longer than the hand-off it replaces costs
     /// on a busy machine. A reader of a WAL database waits for neither the
-    /// writer nor a checkpoint, so the worker is not held behind a lock.
-    /// When every read connection is taken, the read waits for one on the
-    /// blocking pool as before.
+    /// writer nor a checkpoint; what can still hold the worker is rare: the
+    /// first use of a read connection opens it here, and SQLite retries
+    /// (with short sleeps) a read that starts while another process
+    /// recovers the WAL. When every read connection is taken, the read
+    /// waits for one on the blocking pool as before.
     async fn read_inline_before_commit<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
@@ -835,11 +849,7 @@ impl Store for SqliteStore {
             .and_then(|w| w.clone())
             .ok_or_else(|| StoreError::Unavailable("the store is shutting down".into()))?;
         sender
-            .send(Job {
-                events: batch.audit.iter().map(audit::encode_event).collect(),
-                batch: Box::new(batch),
-                reply,
-            })
+            .send(Job::new(batch, reply))
             .map_err(|_| StoreError::Unavailable("the writer has stopped".into()))?;
         rx.await
             .map_err(|_| StoreError::Unavailable("the writer stopped before committing".into()))?
@@ -885,8 +895,11 @@ impl Store for SqliteStore {
     ) -> Result<RevealReads, StoreError> {
         let inline = ids.len() <= INLINE_READ_TOKENS;
         // One read transaction for all of it, and for a small reveal no
-        // trip to the blocking pool.
+        // trip to the blocking pool. The transaction gives every probe one
+        // snapshot, and takes the database's read lock and a WAL read mark
+        // once: each statement outside one took and released both.
         let read = move |c: &Connection| {
+            let tx = c.unchecked_transaction()?;
             let mut tokens = c.prepare_cached(TOKEN_BY_ID)?;
             let mut orders = c.prepare_cached(ORDERS_OF_TOKEN)?;
             let mut rows = Vec::with_capacity(ids.len());
@@ -907,6 +920,8 @@ impl Store for SqliteStore {
                 Some(filter) => grants_matching(c, filter)?,
                 None => Vec::new(),
             };
+            drop((tokens, orders));
+            tx.commit()?;
             Ok(RevealReads {
                 rows,
                 orders: of,
@@ -2472,6 +2487,17 @@ impl Writer {
         b: &WriteBatch,
         events: &[audit::EncodedEvent],
     ) -> rusqlite::Result<Committed> {
+        if events.len() != b.audit.len() {
+            // Not a caller's mistake: `Job::new` encodes every event.
+            return Err(rusqlite::Error::ToSqlConversionFailure(
+                format!(
+                    "{} audit events came with {} encodings",
+                    b.audit.len(),
+                    events.len()
+                )
+                .into(),
+            ));
+        }
         let mut out = Committed::default();
         for (k, v) in &b.meta {
             self.conn
@@ -2678,13 +2704,6 @@ impl Writer {
             }
         }
         let chain = b.audit_chain.as_str();
-        if events.len() != b.audit.len() {
-            return Err(refused(format!(
-                "{} audit events came with {} encodings",
-                b.audit.len(),
-                events.len()
-            )));
-        }
         for (i, (event, encoded)) in b.audit.iter().zip(events).enumerate() {
             let mut head = self.head(chain)?;
             let seq = head.next_seq;
@@ -2836,11 +2855,16 @@ mod tests {
             // The pool's one thread, taken until released.
             let (release, held) = mpsc::channel::<()>();
             let blocker = tokio::task::spawn_blocking(move || held.recv());
-            let small = store.reveal_reads(vec![id, [8; 16]], None);
-            let small = tokio::time::timeout(std::time::Duration::from_secs(30), small)
-                .await
-                .expect("a small reveal reads without the blocking pool")
-                .expect("read");
+            // Answered at the first poll: nothing was handed to another
+            // thread to wait for.
+            let mut small = std::pin::pin!(store.reveal_reads(vec![id, [8; 16]], None));
+            let polled = small
+                .as_mut()
+                .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()));
+            let std::task::Poll::Ready(small) = polled else {
+                panic!("a small reveal reads on the calling thread, at once");
+            };
+            let small = small.expect("read");
             assert_eq!(
                 found(&small),
                 vec![Some((id, b"sealed".to_vec())), None],
@@ -2880,6 +2904,76 @@ mod tests {
             assert_eq!(found(&read), vec![Some((id, b"sealed".to_vec()))]);
             store.close();
         });
+    }
+
+    /// The checkpoint signer's leaves are the events' leaves as a query
+    /// reads them, edited rows included: a leaf stored as text or emptied
+    /// reads as the query reads it (and so makes the signer refuse, its
+    /// root no longer matching), and a row whose sequence number is no
+    /// integer is left out, as the query leaves it out, so the signer
+    /// finds the gap.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn audit_leaves_read_edited_rows_as_a_query_does() {
+        let dir = tempfile::tempdir().expect("scratch directory");
+        let db = dir.path().join("vault.db");
+        let store = SqliteStore::open(&db).expect("open");
+        store
+            .commit(keyed_events("a", &[None, None, None, None, None]))
+            .await
+            .expect("commit");
+        let side = Connection::open(&db).expect("side connection");
+        side.execute(
+            "UPDATE audit_events SET leaf = CAST(leaf AS TEXT) WHERE chain = 'a' AND seq = 2",
+            [],
+        )
+        .expect("leaf as text");
+        side.execute(
+            "UPDATE audit_events SET leaf = NULL WHERE chain = 'a' AND seq = 3",
+            [],
+        )
+        .expect_err("leaf is NOT NULL");
+        side.execute(
+            "UPDATE audit_events SET leaf = x'' WHERE chain = 'a' AND seq = 3",
+            [],
+        )
+        .expect("leaf emptied");
+        side.execute(
+            "UPDATE audit_events SET seq = CAST(seq AS BLOB) WHERE chain = 'a' AND seq = 4",
+            [],
+        )
+        .expect("seq as a blob");
+        drop(side);
+        let queried: Vec<(u64, Vec<u8>)> = store
+            .audit_query(
+                AuditFilter {
+                    chain: "a".into(),
+                    ..Default::default()
+                },
+                100,
+            )
+            .await
+            .expect("query")
+            .into_iter()
+            .map(|e| (e.seq, e.leaf))
+            .collect();
+        let leaves = store.audit_leaves("a", 0, 100).await.expect("leaves");
+        assert_eq!(leaves, queried);
+        assert_eq!(
+            leaves.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(),
+            vec![1, 2, 3, 5],
+            "the row whose seq is no integer is left out"
+        );
+        let original = audit::encode_leaf("a", 2, &courier_reveal(None));
+        assert_eq!(
+            leaves[1].1, original,
+            "a leaf stored as text reads as its bytes"
+        );
+        assert!(leaves[2].1.is_empty(), "an emptied leaf reads empty");
+        assert_eq!(
+            store.audit_leaves("a", 3, 1).await.expect("page"),
+            queried[3..]
+        );
+        store.close();
     }
 
     /// The WAL's look-ups give its size and tell a file put in its place
