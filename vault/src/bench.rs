@@ -1021,14 +1021,15 @@ async fn call(
                 .map(|i| pool[(*cursor + i) % pool.len()].clone())
                 .collect();
             *cursor = (*cursor + n) % pool.len();
-            let fields = reveal_as(client, &ctx.courier, PURPOSE, tokens).await?;
+            let fields = reveal_as(client, case.as_str(), &ctx.courier, PURPOSE, tokens).await?;
             let plain = fields
                 .iter()
                 .filter(|f| f.disclosure == v1::Disclosure::Plain as i32)
                 .count();
             if plain != n {
                 return Err(format!(
-                    "reveal: {n} tokens sent, {plain} revealed in plain (the courier should see phone numbers and addresses)"
+                    "{}: {n} tokens sent, {plain} revealed in plain (the courier should see phone numbers and addresses)",
+                    case.as_str()
                 ));
             }
         }
@@ -1036,9 +1037,11 @@ async fn call(
     Ok(())
 }
 
-/// A reveal of `tokens` for `purpose` by the principal whose key is `key`.
+/// A reveal of `tokens` for `purpose` by the principal whose key is `key`;
+/// a refusal is reported as the `case`'s.
 async fn reveal_as(
     client: &mut TokenServiceClient<Channel>,
+    case: &str,
     key: &MetadataValue<Ascii>,
     purpose: &str,
     tokens: Vec<String>,
@@ -1052,7 +1055,7 @@ async fn reveal_as(
             key,
         ))
         .await
-        .map_err(|s| refused("reveal", &s))?
+        .map_err(|s| refused(case, &s))?
         .into_inner()
         .fields)
 }
@@ -1063,11 +1066,17 @@ async fn reveal_as_support(
     ctx: &Ctx,
     token: String,
 ) -> Result<v1::RevealedField, String> {
-    reveal_as(client, &ctx.support, GRANTED_PURPOSE, vec![token])
-        .await?
-        .into_iter()
-        .next()
-        .ok_or_else(|| "reveal_granted: one token sent, no field back".to_owned())
+    reveal_as(
+        client,
+        Case::RevealGranted.as_str(),
+        &ctx.support,
+        GRANTED_PURPOSE,
+        vec![token],
+    )
+    .await?
+    .into_iter()
+    .next()
+    .ok_or_else(|| "reveal_granted: one token sent, no field back".to_owned())
 }
 
 /// `" (denied: REASON)"` for a denied field, else nothing.
