@@ -472,6 +472,35 @@ mod tests {
         );
     }
 
+    /// A known answer: the whole leaf of an event with every optional field
+    /// set, and its leaf hash (computed apart, as `SHA-256(0x00 || leaf)`
+    /// of that text), as every stored log has them.
+    #[test]
+    fn leaf_and_leaf_hash_known_answer() {
+        let mut e = events(1).remove(0);
+        e.purpose = Some("delivery".into());
+        e.kind = Some("phone".into());
+        e.order_token = Some("or_\"x\\y".into());
+        e.reason = Some("no_grant".into());
+        e.count = Some(3);
+        e.key_version = Some(2);
+        e.peer = Some("127.0.0.1".into());
+        let leaf = encode_leaf("node-1", 7, &e);
+        assert_eq!(
+            String::from_utf8(leaf.clone()).expect("utf8"),
+            concat!(
+                r#"{"v":1,"chain":"node-1","seq":7,"ts_ms":0,"principal":"courier-a","role":"courier","#,
+                r#""action":"reveal","decision":"allowed","purpose":"delivery","kind":"phone","token":"ph_0","#,
+                r#""order_token":"or_\"x\\y","reason":"no_grant","count":3,"key_version":2,"#,
+                r#""peer":"127.0.0.1","request_id":"r1","policy":"p"}"#
+            )
+        );
+        assert_eq!(
+            hex::encode(leaf_hash(&leaf)),
+            "d09b1f3227a4e42487f2939d8e9c6deb69a714842d86f7d405b52984ae7169bd"
+        );
+    }
+
     fn any_text() -> impl Strategy<Value = String> {
         // Quotes, backslashes, control characters and non-ASCII text all
         // take escapes or multi-byte encodings in JSON.
