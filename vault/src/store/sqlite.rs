@@ -680,7 +680,7 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     {
-        match self.read_permits.clone().try_acquire_owned() {
+        match self.read_permits.try_acquire() {
             Ok(permit) => {
                 let result = on_pooled(&self.readers, &self.path, f);
                 drop(permit);
