@@ -728,6 +728,62 @@ impl Drop for SqliteStore {
     }
 }
 
+/// Runs a statement without parameters or rows (`BEGIN`, `COMMIT`,
+/// `ROLLBACK`) from the connection's statement cache: `execute_batch`
+/// parses it again at every call, which cost about 1 µs of every reveal's
+/// read (two statements) and of every group the writer commits.
+fn run_cached(c: &Connection, sql: &str) -> rusqlite::Result<()> {
+    c.prepare_cached(sql)?.execute([]).map(|_| ())
+}
+
+/// Ends the read transaction a `BEGIN` opened: COMMIT after `read`
+/// succeeded, ROLLBACK otherwise (and after a failed COMMIT), so that a
+/// pooled connection never goes back to the pool holding a snapshot, which
+/// would keep every later checkpoint from copying past it.
+fn end_read<T>(c: &Connection, read: rusqlite::Result<T>) -> rusqlite::Result<T> {
+    let read = read.and_then(|r| run_cached(c, "COMMIT").map(|()| r));
+    if read.is_err() && !c.is_autocommit() {
+        let _ = run_cached(c, "ROLLBACK");
+    }
+    read
+}
+
+/// A reveal's probes, inside the read transaction
+/// [`SqliteStore::reveal_reads`] opens: each token's row and its orders,
+/// then the grants that could cover them.
+fn reveal_probes(
+    c: &Connection,
+    ids: &[TokenId],
+    grants_of: Option<String>,
+) -> rusqlite::Result<RevealReads> {
+    let mut tokens = c.prepare_cached(TOKEN_BY_ID)?;
+    let mut orders = c.prepare_cached(ORDERS_OF_TOKEN)?;
+    let mut rows = Vec::with_capacity(ids.len());
+    let mut of = Vec::with_capacity(ids.len());
+    for id in ids {
+        let row = tokens
+            .query_row([&id[..]], |r| token_row(*id, r))
+            .optional()?;
+        of.push(match row {
+            Some(_) => orders
+                .query_map([&id[..]], |r| r.get(0))?
+                .collect::<rusqlite::Result<Vec<TokenId>>>()?,
+            None => Vec::new(),
+        });
+        rows.push(row);
+    }
+    drop((tokens, orders));
+    let grants = match grant_filter(grants_of, &of) {
+        Some(filter) => grants_matching(c, filter)?,
+        None => Vec::new(),
+    };
+    Ok(RevealReads {
+        rows,
+        orders: of,
+        grants,
+    })
+}
+
 /// A token row by id, as [`token_row`] reads it.
 const TOKEN_BY_ID: &str = "SELECT kind, key_version, ciphertext, fingerprint, deterministic, created_ms FROM tokens WHERE id = ?1";
 /// The orders a token belongs to.
@@ -899,34 +955,9 @@ impl Store for SqliteStore {
         // snapshot, and takes the database's read lock and a WAL read mark
         // once: each statement outside one took and released both.
         let read = move |c: &Connection| {
-            let tx = c.unchecked_transaction()?;
-            let mut tokens = c.prepare_cached(TOKEN_BY_ID)?;
-            let mut orders = c.prepare_cached(ORDERS_OF_TOKEN)?;
-            let mut rows = Vec::with_capacity(ids.len());
-            let mut of = Vec::with_capacity(ids.len());
-            for id in &ids {
-                let row = tokens
-                    .query_row([&id[..]], |r| token_row(*id, r))
-                    .optional()?;
-                of.push(match row {
-                    Some(_) => orders
-                        .query_map([&id[..]], |r| r.get(0))?
-                        .collect::<rusqlite::Result<Vec<TokenId>>>()?,
-                    None => Vec::new(),
-                });
-                rows.push(row);
-            }
-            let grants = match grant_filter(grants_of, &of) {
-                Some(filter) => grants_matching(c, filter)?,
-                None => Vec::new(),
-            };
-            drop((tokens, orders));
-            tx.commit()?;
-            Ok(RevealReads {
-                rows,
-                orders: of,
-                grants,
-            })
+            run_cached(c, "BEGIN")?;
+            let read = reveal_probes(c, &ids, grants_of);
+            end_read(c, read)
         };
         if inline {
             self.read_inline_before_commit(read).await
@@ -2448,15 +2479,13 @@ impl Writer {
         let saved = self.heads.clone();
         let saved_waiting = self.index.waiting;
         let outcome = (|| -> Result<Vec<Committed>, StoreError> {
-            self.conn
-                .execute_batch("BEGIN IMMEDIATE")
-                .map_err(unavailable)?;
+            run_cached(&self.conn, "BEGIN IMMEDIATE").map_err(unavailable)?;
             let mut results = Vec::with_capacity(jobs.len());
             for job in jobs {
                 match self.apply(&job.batch, &job.events) {
                     Ok(c) => results.push(c),
                     Err(e) => {
-                        let _ = self.conn.execute_batch("ROLLBACK");
+                        let _ = run_cached(&self.conn, "ROLLBACK");
                         return Err(unavailable(e));
                     }
                 }
@@ -2464,12 +2493,12 @@ impl Writer {
             self.durability
                 .begun
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let commit = self.conn.execute_batch("COMMIT");
+            let commit = run_cached(&self.conn, "COMMIT");
             self.durability
                 .committed
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             if let Err(e) = commit {
-                let _ = self.conn.execute_batch("ROLLBACK");
+                let _ = run_cached(&self.conn, "ROLLBACK");
                 return Err(unavailable(e));
             }
             Ok(results)
@@ -2809,6 +2838,56 @@ mod tests {
             reprepared(&plain, GRANTS_BY_ORDER) > 0,
             "SQLite no longer plans this statement again: the guarantee may be unneeded"
         );
+    }
+
+    /// A read transaction ends whatever its probes do: after a failed
+    /// probe it is rolled back, so the pooled connection keeps no snapshot,
+    /// which would keep a checkpoint from copying the WAL past it.
+    #[test]
+    fn a_read_transaction_ends_when_its_probes_fail() {
+        let dir = tempfile::tempdir().expect("scratch directory");
+        let db = dir.path().join("vault.db");
+        let mut writer = open_conn(&db).expect("open");
+        migrate(&mut writer).expect("migrate");
+        writer
+            .busy_timeout(std::time::Duration::ZERO)
+            .expect("no busy wait");
+        let reader = open_conn(&db).expect("open");
+        for fail in [true, false] {
+            writer
+                .execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('k', x'00')",
+                    [],
+                )
+                .expect("write");
+            run_cached(&reader, "BEGIN").expect("begin");
+            let count = |c: &Connection| {
+                c.query_row("SELECT count(*) FROM meta", [], |r| r.get::<_, i64>(0))
+            };
+            let read = count(&reader).and_then(|n| {
+                if fail {
+                    reader.query_row("SELECT no_such_column FROM meta", [], |r| {
+                        r.get::<_, i64>(0)
+                    })
+                } else {
+                    Ok(n)
+                }
+            });
+            assert_eq!(end_read(&reader, read).is_err(), fail);
+            assert!(reader.is_autocommit(), "the read transaction is still open");
+            // A write after the read, then a checkpoint that must wait for
+            // every reader: it copies everything only if no snapshot is held.
+            writer
+                .execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('k', x'01')",
+                    [],
+                )
+                .expect("write");
+            let busy: i64 = writer
+                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
+                .expect("checkpoint");
+            assert_eq!(busy, 0, "a snapshot was left open (failing read: {fail})");
+        }
     }
 
     /// A small reveal's reads run on the calling thread: they answer while
