@@ -50,7 +50,7 @@ use std::io::{BufRead, BufReader, IsTerminal, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use ordervault_proto::v1;
@@ -88,6 +88,8 @@ const GRANTED_ROLE: &str = "support";
 const GRANTED_PURPOSE: &str = "customer_support";
 /// Orders tokenized and granted to support before `reveal_granted` runs.
 const GRANTED_ORDERS: usize = 1_000;
+/// Orders tokenized and granted at once while setting up `reveal_granted`.
+const GRANTS_IN_FLIGHT: usize = 16;
 /// How long those grants last: longer than any run.
 const GRANT_TTL_SECONDS: u32 = 86_400;
 
@@ -1118,36 +1120,51 @@ async fn tokenize_sample_order(
 
 /// Phone tokens of `count` orders the shop tokenized and granted to
 /// [`GRANTED_ROLE`] for [`GRANTED_PURPOSE`], through the first of
-/// `clients`. Fails unless support is refused the phone token of an order
-/// it was not granted, through each of `clients` (one per node): without the
-/// grant requirement in force, `reveal_granted` would not measure it.
+/// `clients`, [`GRANTS_IN_FLIGHT`] orders at a time. Fails unless support
+/// is refused the phone token of an order it was not granted, through each
+/// of `clients` (one per node): without the grant requirement in force,
+/// `reveal_granted` would not measure it.
 async fn granted_pool(
     clients: &[TokenServiceClient<Channel>],
-    ctx: &Ctx,
+    ctx: &Arc<Ctx>,
     count: usize,
 ) -> Result<Vec<String>, Failure> {
-    let mut client = clients
+    let client = clients
         .first()
         .cloned()
         .ok_or_else(|| fail("internal error: no connection to the vault"))?;
+    let claimed = Arc::new(AtomicUsize::new(0));
+    let mut tasks = JoinSet::new();
+    for _ in 0..GRANTS_IN_FLIGHT.min(count) {
+        let (mut client, ctx, claimed) = (client.clone(), ctx.clone(), claimed.clone());
+        tasks.spawn(async move {
+            let mut phones = Vec::new();
+            while claimed.fetch_add(1, Ordering::Relaxed) < count {
+                let (order_token, phone) = tokenize_sample_order(&mut client, &ctx).await?;
+                client
+                    .grant(authorized(
+                        v1::GrantRequest {
+                            principal: GRANTED_ROLE.into(),
+                            order_token,
+                            purpose: GRANTED_PURPOSE.into(),
+                            ttl_seconds: GRANT_TTL_SECONDS,
+                        },
+                        &ctx.shop,
+                    ))
+                    .await
+                    .map_err(|s| refused("grant", &s))?;
+                phones.push(phone);
+            }
+            Ok::<_, String>(phones)
+        });
+    }
     let mut pool = Vec::with_capacity(count);
-    for _ in 0..count {
-        let (order_token, phone) = tokenize_sample_order(&mut client, ctx)
-            .await
-            .map_err(fail)?;
-        client
-            .grant(authorized(
-                v1::GrantRequest {
-                    principal: GRANTED_ROLE.into(),
-                    order_token,
-                    purpose: GRANTED_PURPOSE.into(),
-                    ttl_seconds: GRANT_TTL_SECONDS,
-                },
-                &ctx.shop,
-            ))
-            .await
-            .map_err(|s| fail(refused("grant", &s)))?;
-        pool.push(phone);
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok(Ok(mut phones)) => pool.append(&mut phones),
+            Ok(Err(e)) => return Err(fail(e)),
+            Err(e) => return Err(fail(format!("a grant task failed: {e}"))),
+        }
     }
     for node in clients {
         let mut node = node.clone();
