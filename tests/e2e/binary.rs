@@ -507,6 +507,35 @@ fn bench_runs_in_short_mode() {
         .expect("every round is kept");
     assert_eq!(rounds.len(), 2);
     assert!(rounds.iter().all(|r| rows(r) == 14), "{report}");
+    // Each row counts the tokens stored when its case began: the preload
+    // and more, never fewer later on, and more after the cases that
+    // tokenize (round 1's reveal at concurrency 1 comes after all three).
+    let stored = |round: &serde_json::Value, i: usize| {
+        round[i]["stored_tokens"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("row {i} has no stored_tokens: {round}"))
+    };
+    let mut counts = Vec::new();
+    for round in rounds {
+        for i in 0..14 {
+            counts.push(stored(round, i));
+        }
+    }
+    assert!(counts[0] >= 3000, "fewer than the preload: {counts:?}");
+    assert!(
+        counts.windows(2).all(|w| w[0] <= w[1]),
+        "the count went down: {counts:?}"
+    );
+    let reveal_row = rounds[0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|r| r["case"] == "reveal" && r["concurrency"] == 1)
+        .unwrap();
+    assert!(
+        counts[reveal_row] > counts[0],
+        "tokenizing stored nothing: {counts:?}"
+    );
     assert!(
         stderr.contains("round 2/2: reveal_granted at concurrency 4"),
         "the progress line names the round: {stderr}"

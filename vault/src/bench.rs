@@ -431,7 +431,10 @@ async fn bench(args: &BenchArgs, server: &Server, progress: &Progress) -> Result
                     ctx: &ctx,
                     server_pids: &server.pids,
                 };
-                results.push(measure(case, c, args, &load, &step, progress).await?);
+                let stored = server.stored_tokens().await?;
+                let mut m = measure(case, c, args, &load, &step, progress).await?;
+                m.stored_tokens = Some(stored);
+                results.push(m);
             }
         }
         compare_with_ping(&mut results);
@@ -593,6 +596,25 @@ impl Server {
             support,
             admin,
         })
+    }
+
+    /// The tokens in the store when asked, as the first node counts them
+    /// (`AdminService::Status`; the nodes of a shared database count the
+    /// same rows). Every case's row carries it: the cases that tokenize
+    /// grow the store, and later cases and rounds run on a larger one.
+    async fn stored_tokens(&self) -> Result<u64, Failure> {
+        let mut admin = ordervault_proto::v1::admin_service_client::AdminServiceClient::new(
+            self.channel().await?,
+        );
+        let mut request = tonic::Request::new(ordervault_proto::v1::StatusRequest {});
+        request
+            .metadata_mut()
+            .insert("authorization", self.admin.clone());
+        admin
+            .status(request)
+            .await
+            .map(|r| r.into_inner().tokens)
+            .map_err(|e| fail(format!("cannot count the stored tokens: {}", e.message())))
     }
 
     /// On a shared database the policy in force is the stored one: makes
@@ -1316,6 +1338,8 @@ struct Measurement {
     server_peak_rss_mib: Option<f64>,
     /// calls/s over ping's calls/s at the same concurrency.
     vs_ping: Option<f64>,
+    /// Tokens in the store when the case began, as the vault counts them.
+    stored_tokens: Option<u64>,
 }
 
 /// When the measured window of a case opens and closes.
@@ -1482,6 +1506,7 @@ async fn measure(
             .filter_map(|p| peak_rss_mib(*p))
             .reduce(f64::max),
         vs_ping: None,
+        stored_tokens: None,
     })
 }
 
@@ -1606,7 +1631,7 @@ fn render_text(report: &Report) -> String {
 }
 
 fn render_table(results: &[Measurement]) -> String {
-    const HEADER: [&str; 11] = [
+    const HEADER: [&str; 12] = [
         "case",
         "conc",
         "calls/s",
@@ -1618,12 +1643,13 @@ fn render_table(results: &[Measurement]) -> String {
         "db CPU s/1k calls",
         "srv peak RSS MiB",
         "vs ping",
+        "tokens stored",
     ];
     let num = |v: Option<f64>, decimals: usize| match v {
         Some(v) => format!("{v:.decimals$}"),
         None => "-".to_owned(),
     };
-    let rows: Vec<[String; 11]> = results
+    let rows: Vec<[String; 12]> = results
         .iter()
         .map(|m| {
             [
@@ -1638,6 +1664,8 @@ fn render_table(results: &[Measurement]) -> String {
                 num(m.db_cpu_s_per_1k_calls, 3),
                 num(m.server_peak_rss_mib, 1),
                 num(m.vs_ping, 3),
+                m.stored_tokens
+                    .map_or_else(|| "-".to_owned(), |n| n.to_string()),
             ]
         })
         .collect();
@@ -2013,6 +2041,7 @@ requires_grant = true
             db_cpu_s_per_1k_calls: None,
             server_peak_rss_mib: Some(40.25),
             vs_ping: None,
+            stored_tokens: None,
         }
     }
 
@@ -2071,11 +2100,12 @@ requires_grant = true
     fn table_layout() {
         let mut r = vec![m(Case::Ping, 1, 1000.0), m(Case::Tokenize100, 64, 123.4)];
         r[1].p50_ms = None;
+        r[0].stored_tokens = Some(3000);
         compare_with_ping(&mut r);
         let expected = "\
-case          conc  calls/s  fields/s  p50 ms  p99 ms  p999 ms  srv CPU s/1k calls  db CPU s/1k calls  srv peak RSS MiB  vs ping
-ping             1     1000         -    0.25    1.50    12.35               0.123                  -              40.2    1.000
-tokenize_100    64      123     12340       -    1.50    12.35               0.123                  -              40.2        -
+case          conc  calls/s  fields/s  p50 ms  p99 ms  p999 ms  srv CPU s/1k calls  db CPU s/1k calls  srv peak RSS MiB  vs ping  tokens stored
+ping             1     1000         -    0.25    1.50    12.35               0.123                  -              40.2    1.000           3000
+tokenize_100    64      123     12340       -    1.50    12.35               0.123                  -              40.2        -              -
 ";
         assert_eq!(render_table(&r), expected);
     }
