@@ -278,9 +278,22 @@ const CHECKPOINT_FRAMES: i64 = 1000;
 /// WAL size past which the writer, between two groups, runs one RESTART
 /// checkpoint; see [`Writer::bound_wal`]. Also the size the WAL file is cut
 /// back to when it starts again (`journal_size_limit`).
-const WAL_LIMIT_BYTES: u64 = 64 << 20;
+///
+/// Each forced restart holds every group while it copies what the
+/// checkpoint thread has not and syncs the database (4-39 ms measured under
+/// unary tokenize), so the bound sets how often writes stall: at 64 MiB
+/// two to three times a second under unary tokenize, more under batches.
+/// At 256 MiB, 100-field tokenize gained about a quarter, unary calls about
+/// a tenth, and unary tokenize's p999 at c64 fell from about 30 to 18 ms
+/// (docs/benchmarks.md); the cost is the disk the WAL keeps and, after a
+/// crash, reading up to that much WAL at the next open.
+const WAL_LIMIT_BYTES: u64 = 256 << 20;
 /// Longest wait of a RESTART checkpoint for readers of older snapshots.
 const RESTART_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
+/// A RESTART checkpoint refused sooner than this was refused without
+/// waiting (SQLite's busy handler first sleeps 1 ms): see
+/// [`Writer::bound_wal`].
+const BUSY_AT_ONCE: std::time::Duration = std::time::Duration::from_micros(900);
 /// Pause before trying again after a RESTART checkpoint failed, doubled
 /// after each further failure up to [`RESTART_RETRY_MAX`].
 const RESTART_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
@@ -306,6 +319,7 @@ fn wal_path(db: &Path) -> PathBuf {
 fn checkpoint_loop(
     conn: &Connection,
     wal: &Path,
+    wal_limit: u64,
     stop: &std::sync::atomic::AtomicBool,
     durability: &Durability,
 ) {
@@ -319,7 +333,7 @@ fn checkpoint_loop(
         }
         // Past the bound the writer restarts it: holding the checkpoint
         // lock now would only make it wait.
-        if FileFacts::of_path(wal).map(|f| f.len).unwrap_or(0) > WAL_LIMIT_BYTES {
+        if FileFacts::of_path(wal).map(|f| f.len).unwrap_or(0) > wal_limit {
             std::thread::sleep(std::time::Duration::from_millis(20));
             continue;
         }
@@ -451,7 +465,20 @@ impl SqliteStore {
     /// [`SqliteStore::open`], with `sync` making the WAL durable (tests
     /// put a failing or a gated one in its place).
     fn open_with_sync(path: &Path, sync: SyncWal) -> Result<SqliteStore, StoreError> {
-        SqliteStore::open_with(path, sync, TokenIndexing::default())
+        SqliteStore::open_with(path, sync, TokenIndexing::default(), WAL_LIMIT_BYTES)
+    }
+
+    /// [`SqliteStore::open`] with the WAL bounded at `wal_limit` bytes
+    /// instead of [`WAL_LIMIT_BYTES`]: for tests of the bound that should
+    /// not write gigabytes to reach it.
+    #[doc(hidden)]
+    pub fn open_bounding_wal_at(path: &Path, wal_limit: u64) -> Result<SqliteStore, StoreError> {
+        SqliteStore::open_with(
+            path,
+            Box::new(|wal| wal.sync_data()),
+            TokenIndexing::default(),
+            wal_limit,
+        )
     }
 
     /// [`SqliteStore::open`], indexing audit events by token key once
@@ -468,13 +495,19 @@ impl SqliteStore {
             wait_for_reads: true,
             ..TokenIndexing::default()
         };
-        SqliteStore::open_with(path, Box::new(|wal| wal.sync_data()), indexing)
+        SqliteStore::open_with(
+            path,
+            Box::new(|wal| wal.sync_data()),
+            indexing,
+            WAL_LIMIT_BYTES,
+        )
     }
 
     fn open_with(
         path: &Path,
         sync: SyncWal,
         indexing: TokenIndexing,
+        wal_limit: u64,
     ) -> Result<SqliteStore, StoreError> {
         #[cfg(unix)]
         if !path.exists() {
@@ -512,7 +545,7 @@ impl SqliteStore {
             .map_err(unavailable)?;
         // A WAL started again is cut back to its bound, not to zero: see
         // [`Writer::bound_wal`].
-        conn.pragma_update(None, "journal_size_limit", WAL_LIMIT_BYTES as i64)
+        conn.pragma_update(None, "journal_size_limit", wal_limit as i64)
             .map_err(unavailable)?;
         let wal = wal_path(path);
         let durability = Arc::new(Durability {
@@ -538,6 +571,7 @@ impl SqliteStore {
         let (tx, rx) = mpsc::channel();
         let unindexed = unindexed_events(&conn).map_err(unavailable)?;
         let mut writer = Writer::new(conn, path, acks, syncer, durability.clone());
+        writer.wal_limit = wal_limit;
         writer.index = TokenIndexing {
             waiting: unindexed,
             ..indexing
@@ -555,7 +589,7 @@ impl SqliteStore {
                 .map_err(unavailable)?;
             std::thread::Builder::new()
                 .name("ordervault-checkpoint".into())
-                .spawn(move || checkpoint_loop(&conn, &wal, &stop, &durability))
+                .spawn(move || checkpoint_loop(&conn, &wal, wal_limit, &stop, &durability))
                 .map_err(|e| {
                     StoreError::Unavailable(format!("cannot start checkpoint thread: {e}"))
                 })?
@@ -2064,6 +2098,8 @@ struct Writer {
     /// When the WAL bound was last reported as missed.
     warned_at: Option<std::time::Instant>,
     heads: std::collections::HashMap<String, Head>,
+    /// See [`WAL_LIMIT_BYTES`].
+    wal_limit: u64,
 }
 
 impl Writer {
@@ -2086,11 +2122,12 @@ impl Writer {
             restart_failures: 0,
             warned_at: None,
             heads: Default::default(),
+            wal_limit: WAL_LIMIT_BYTES,
         }
     }
 
-    /// Keeps the WAL under [`WAL_LIMIT_BYTES`]. The WAL starts again from
-    /// its beginning only when a transaction begins after everything in it
+    /// Keeps the WAL under its bound ([`WAL_LIMIT_BYTES`]). The WAL starts
+    /// again from its beginning only when a transaction begins after everything in it
     /// was copied to the database; under writes that never pause a new
     /// group is always appended first, and the WAL grew without bound (to
     /// 700 MiB for 250 MiB of rows, and tens of GB while loading millions of
@@ -2099,7 +2136,7 @@ impl Writer {
     /// what the checkpoint thread has not copied yet and for readers to
     /// leave the WAL, then the next group writes the WAL from its start.
     ///
-    /// RESTART, not TRUNCATE: the file keeps its size ([`WAL_LIMIT_BYTES`],
+    /// RESTART, not TRUNCATE: the file keeps its size (the bound,
     /// the writer's `journal_size_limit`), so commits overwrite blocks it
     /// already has instead of growing it, and the sync thread's `fdatasync`
     /// then has no file size to journal. Truncating a 64 MiB file to zero
@@ -2126,7 +2163,7 @@ impl Writer {
             return;
         }
         let size = FileFacts::of_path(&self.wal).map(|f| f.len).unwrap_or(0);
-        if size <= WAL_LIMIT_BYTES {
+        if size <= self.wal_limit {
             return;
         }
         let _ = self.conn.busy_timeout(RESTART_WAIT);
@@ -2137,6 +2174,15 @@ impl Writer {
         if matches!(outcome, Ok(0)) {
             self.retry_restart_at = None;
             self.restart_failures = 0;
+            return;
+        }
+        if matches!(outcome, Ok(1)) && now.elapsed() < BUSY_AT_ONCE {
+            // Busy before the busy handler's first sleep: SQLite waits for
+            // readers through that handler, but not for the checkpoint
+            // lock, so another checkpoint holds it: the checkpoint
+            // thread's, done within milliseconds. Tried again after the
+            // next group, not after a pause: the pauses let the WAL grow
+            // 40 MiB and more past its bound under sustained writes.
             return;
         }
         let pause = RESTART_RETRY
@@ -2151,7 +2197,8 @@ impl Writer {
             self.warned_at = Some(now);
             tracing::warn!(
                 wal_bytes = size,
-                "the WAL is past its 64 MiB bound and could not be started again: a reader (or another process) still uses an older snapshot; retrying"
+                bound_mib = self.wal_limit >> 20,
+                "the WAL is past its bound and could not be started again: a reader (or another process) still uses an older snapshot; retrying"
             );
         }
     }
@@ -3458,7 +3505,13 @@ mod tests {
             ..TokenIndexing::default()
         };
         assert!(!indexing.wait_for_reads);
-        SqliteStore::open_with(db, Box::new(|wal| wal.sync_data()), indexing).expect("open")
+        SqliteStore::open_with(
+            db,
+            Box::new(|wal| wal.sync_data()),
+            indexing,
+            WAL_LIMIT_BYTES,
+        )
+        .expect("open")
     }
 
     /// Waits until chain a's mark is one `done` accepts with every event up
@@ -3982,8 +4035,13 @@ mod tests {
             pass: 3,
             ..TokenIndexing::default()
         };
-        let store =
-            SqliteStore::open_with(&db, Box::new(|wal| wal.sync_data()), indexing).expect("open");
+        let store = SqliteStore::open_with(
+            &db,
+            Box::new(|wal| wal.sync_data()),
+            indexing,
+            WAL_LIMIT_BYTES,
+        )
+        .expect("open");
         let k1 = [1u8; 16];
         store
             .commit(keyed_events("a", &[Some(k1); 7]))
