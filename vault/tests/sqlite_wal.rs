@@ -180,7 +180,8 @@ async fn a_reader_holding_an_old_snapshot_lets_the_wal_grow_and_then_it_is_bound
     reader.execute_batch("COMMIT").unwrap();
     drop(reader);
 
-    // Retries come at most once a second; keep writing until one lands.
+    // Retries after a refusal come after a doubling pause (100 ms up to
+    // 5 s); keep writing until one lands.
     let mut batches = 0;
     while wal_len() > BOUND {
         write(&store, 2 + batches, 1).await;

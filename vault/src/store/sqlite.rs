@@ -294,6 +294,9 @@ const RESTART_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
 /// waiting (SQLite's busy handler first sleeps 1 ms): see
 /// [`Writer::bound_wal`].
 const BUSY_AT_ONCE: std::time::Duration = std::time::Duration::from_micros(900);
+/// RESTART checkpoints refused at once, in a row, tried again after the
+/// next group; past it, after a pause.
+const REFUSED_AT_ONCE_MAX: u32 = 256;
 /// Pause before trying again after a RESTART checkpoint failed, doubled
 /// after each further failure up to [`RESTART_RETRY_MAX`].
 const RESTART_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
@@ -337,11 +340,13 @@ fn checkpoint_loop(
             std::thread::sleep(std::time::Duration::from_millis(20));
             continue;
         }
+        durability.checkpointing.store(true, Ordering::Release);
         let (frames, copied) = conn
             .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
                 Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
             })
             .unwrap_or((0, 0));
+        durability.checkpointing.store(false, Ordering::Release);
         if frames < CHECKPOINT_FRAMES || copied >= frames {
             // Small, or all copied and waiting for the writer to start the
             // WAL again: look again soon. Behind: go straight on.
@@ -545,14 +550,19 @@ impl SqliteStore {
             .map_err(unavailable)?;
         // A WAL started again is cut back to its bound, not to zero: see
         // [`Writer::bound_wal`].
-        conn.pragma_update(None, "journal_size_limit", wal_limit as i64)
-            .map_err(unavailable)?;
+        conn.pragma_update(
+            None,
+            "journal_size_limit",
+            i64::try_from(wal_limit).unwrap_or(i64::MAX),
+        )
+        .map_err(unavailable)?;
         let wal = wal_path(path);
         let durability = Arc::new(Durability {
             begun: AtomicU64::new(0),
             committed: AtomicU64::new(0),
             synced: tokio::sync::watch::Sender::new(0),
             broken: OnceLock::new(),
+            checkpointing: std::sync::atomic::AtomicBool::new(false),
         });
         // A rendezvous: the writer hands a group over when the syncer is
         // free, so while the disk syncs one group the writer applies the
@@ -750,7 +760,11 @@ fn on_pooled<T>(
         }
     };
     let result = f(&conn).map_err(unavailable);
-    if let Ok(mut p) = pool.lock() {
+    // A connection still in a transaction (its ROLLBACK failed too) would
+    // hold a snapshot, and every checkpoint behind it: closed, not pooled.
+    if conn.is_autocommit()
+        && let Ok(mut p) = pool.lock()
+    {
         p.push(conn);
     }
     result
@@ -1719,6 +1733,10 @@ struct Durability {
     synced: tokio::sync::watch::Sender<u64>,
     /// Why writes stopped: set once, by the syncer, when a sync failed.
     broken: OnceLock<String>,
+    /// The checkpoint thread is in a PASSIVE checkpoint, holding SQLite's
+    /// checkpoint lock: a RESTART the writer tries meanwhile is refused at
+    /// once ([`Writer::bound_wal`]).
+    checkpointing: std::sync::atomic::AtomicBool,
 }
 
 /// Makes committed groups durable, off the writer thread.
@@ -2100,6 +2118,8 @@ struct Writer {
     heads: std::collections::HashMap<String, Head>,
     /// See [`WAL_LIMIT_BYTES`].
     wal_limit: u64,
+    /// RESTART checkpoints refused at once since the last that was not.
+    refused_at_once: u32,
 }
 
 impl Writer {
@@ -2123,6 +2143,7 @@ impl Writer {
             warned_at: None,
             heads: Default::default(),
             wal_limit: WAL_LIMIT_BYTES,
+            refused_at_once: 0,
         }
     }
 
@@ -2147,7 +2168,9 @@ impl Writer {
     /// not the connection's 5 s busy timeout, and failed attempts are
     /// retried with a doubling pause (from [`RESTART_RETRY`] up to
     /// [`RESTART_RETRY_MAX`]): a lingering reader lets the WAL grow as
-    /// before rather than stall every group.
+    /// before rather than stall every group. An attempt refused at once for
+    /// the checkpoint lock is tried again after the next group instead (up
+    /// to [`REFUSED_AT_ONCE_MAX`] times in a row).
     fn bound_wal(&mut self) {
         // After a failed sync nothing more is copied from the WAL.
         if self.durability.broken.get().is_some() {
@@ -2167,6 +2190,7 @@ impl Writer {
             return;
         }
         let _ = self.conn.busy_timeout(RESTART_WAIT);
+        let started = std::time::Instant::now();
         let outcome = self
             .conn
             .query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| r.get::<_, i64>(0));
@@ -2174,17 +2198,31 @@ impl Writer {
         if matches!(outcome, Ok(0)) {
             self.retry_restart_at = None;
             self.restart_failures = 0;
+            self.refused_at_once = 0;
             return;
         }
-        if matches!(outcome, Ok(1)) && now.elapsed() < BUSY_AT_ONCE {
-            // Busy before the busy handler's first sleep: SQLite waits for
-            // readers through that handler, but not for the checkpoint
-            // lock, so another checkpoint holds it: the checkpoint
-            // thread's, done within milliseconds. Tried again after the
-            // next group, not after a pause: the pauses let the WAL grow
-            // 40 MiB and more past its bound under sustained writes.
+        // Refused for the checkpoint lock: SQLite waits for readers through
+        // the busy handler but gives up on that lock at once, so it was
+        // refused before the handler's first sleep, or while the checkpoint
+        // thread was copying. That copy ends soon: tried again after the
+        // next group, not after a pause (the pauses let the WAL grow 40 MiB
+        // and more past its bound under sustained writes). Another process
+        // can hold the lock too, for as long as it likes: after
+        // [`REFUSED_AT_ONCE_MAX`] such refusals in a row, the pause and the
+        // warning below.
+        let ours = self
+            .durability
+            .checkpointing
+            .load(std::sync::atomic::Ordering::Acquire);
+        if matches!(outcome, Ok(1))
+            && (ours || started.elapsed() < BUSY_AT_ONCE)
+            && self.refused_at_once < REFUSED_AT_ONCE_MAX
+        {
+            self.refused_at_once += 1;
             return;
         }
+        self.refused_at_once = 0;
+        let now = std::time::Instant::now();
         let pause = RESTART_RETRY
             .saturating_mul(1 << self.restart_failures.min(16))
             .min(RESTART_RETRY_MAX);
