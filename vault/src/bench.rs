@@ -54,6 +54,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use ordervault_proto::v1;
+use ordervault_proto::v1::admin_service_client::AdminServiceClient;
 use ordervault_proto::v1::token_service_client::TokenServiceClient;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::task::JoinSet;
@@ -408,6 +409,7 @@ async fn bench(args: &BenchArgs, server: &Server, progress: &Progress) -> Result
             .granted = granted;
     }
 
+    let mut admin = server.admin_client().await?;
     let rounds = args.rounds as usize;
     let per_round = args.cases.len() * args.concurrency.len();
     let total = per_round * rounds;
@@ -431,7 +433,7 @@ async fn bench(args: &BenchArgs, server: &Server, progress: &Progress) -> Result
                     ctx: &ctx,
                     server_pids: &server.pids,
                 };
-                let stored = server.stored_tokens().await?;
+                let stored = server.stored_tokens(&mut admin).await?;
                 let mut m = measure(case, c, args, &load, &step, progress).await?;
                 m.stored_tokens = Some(stored);
                 results.push(m);
@@ -598,20 +600,19 @@ impl Server {
         })
     }
 
+    /// A client of the first node's admin service, for
+    /// [`Server::stored_tokens`].
+    async fn admin_client(&self) -> Result<AdminServiceClient<Channel>, Failure> {
+        Ok(AdminServiceClient::new(self.channel().await?))
+    }
+
     /// The tokens in the store when asked, as the first node counts them
     /// (`AdminService::Status`; the nodes of a shared database count the
     /// same rows). Every case's row carries it: the cases that tokenize
     /// grow the store, and later cases and rounds run on a larger one.
-    async fn stored_tokens(&self) -> Result<u64, Failure> {
-        let mut admin = ordervault_proto::v1::admin_service_client::AdminServiceClient::new(
-            self.channel().await?,
-        );
-        let mut request = tonic::Request::new(ordervault_proto::v1::StatusRequest {});
-        request
-            .metadata_mut()
-            .insert("authorization", self.admin.clone());
+    async fn stored_tokens(&self, admin: &mut AdminServiceClient<Channel>) -> Result<u64, Failure> {
         admin
-            .status(request)
+            .status(authorized(v1::StatusRequest {}, &self.admin))
             .await
             .map(|r| r.into_inner().tokens)
             .map_err(|e| fail(format!("cannot count the stored tokens: {}", e.message())))
@@ -626,14 +627,8 @@ impl Server {
                 .connect()
                 .await
                 .map_err(|e| fail(format!("cannot connect to the vault at {url}: {e}")))?;
-            let mut admin =
-                ordervault_proto::v1::admin_service_client::AdminServiceClient::new(channel);
-            let mut request = tonic::Request::new(ordervault_proto::v1::ReloadPolicyRequest {});
-            request
-                .metadata_mut()
-                .insert("authorization", self.admin.clone());
-            admin
-                .reload_policy(request)
+            AdminServiceClient::new(channel)
+                .reload_policy(authorized(v1::ReloadPolicyRequest {}, &self.admin))
                 .await
                 .map_err(|e| fail(format!("cannot publish the bench policy: {}", e.message())))?;
         }

@@ -580,8 +580,7 @@ impl SqliteStore {
             .map_err(|e| StoreError::Unavailable(format!("cannot start sync thread: {e}")))?;
         let (tx, rx) = mpsc::channel();
         let unindexed = unindexed_events(&conn).map_err(unavailable)?;
-        let mut writer = Writer::new(conn, path, acks, syncer, durability.clone());
-        writer.wal_limit = wal_limit;
+        let mut writer = Writer::new(conn, path, acks, syncer, durability.clone(), wal_limit);
         writer.index = TokenIndexing {
             waiting: unindexed,
             ..indexing
@@ -2129,6 +2128,7 @@ impl Writer {
         acks: mpsc::SyncSender<Acks>,
         syncer: std::thread::JoinHandle<()>,
         durability: Arc<Durability>,
+        wal_limit: u64,
     ) -> Writer {
         Writer {
             index: TokenIndexing::default(),
@@ -2142,14 +2142,14 @@ impl Writer {
             restart_failures: 0,
             warned_at: None,
             heads: Default::default(),
-            wal_limit: WAL_LIMIT_BYTES,
+            wal_limit,
             refused_at_once: 0,
         }
     }
 
     /// Keeps the WAL under its bound ([`WAL_LIMIT_BYTES`]). The WAL starts
-    /// again from its beginning only when a transaction begins after everything in it
-    /// was copied to the database; under writes that never pause a new
+    /// again from its beginning only when a transaction begins after
+    /// everything in it was copied to the database; under writes that never pause a new
     /// group is always appended first, and the WAL grew without bound (to
     /// 700 MiB for 250 MiB of rows, and tens of GB while loading millions of
     /// tokens). Past the limit the writer itself, holding no transaction,
